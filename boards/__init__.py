@@ -1,0 +1,1 @@
+"""Board tops and build scripts."""
