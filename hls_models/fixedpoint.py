@@ -1,0 +1,79 @@
+"""Fixed-point primitives shared by the integer model: saturation, rounding shifts, multipliers.
+
+Every function works on Python ints or NumPy ``int64``/object arrays and is exact. The rules here
+are the ones docs/numerics.md states and the RTL implements.
+"""
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "saturate", "round_shift", "requantize", "Multiplier", "multiplier_for",
+]
+
+
+def saturate(value, bits):
+    """Clamp ``value`` to the signed two's-complement range of ``bits`` bits."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return np.clip(value, lo, hi) if isinstance(value, np.ndarray) else max(lo, min(hi, value))
+
+
+def round_shift(value, shift):
+    """``value * 2**-shift`` rounded half up (toward +inf); a negative shift is a left shift.
+
+    This is the one rounding rule of the datapath: add half an output LSB, then shift right
+    arithmetically (``floor``).
+    """
+    if shift > 0:
+        return (value + (1 << (shift - 1))) >> shift
+    return value << -shift
+
+
+def requantize(acc, mult, shift, bits):
+    """``saturate(round_shift(acc * mult, shift), bits)``: scale an accumulator to ``bits`` bits."""
+    return saturate(round_shift(acc * mult, shift), bits)
+
+
+class Multiplier:
+    """A positive real factor held as ``mult * 2**-shift`` with ``mult`` an unsigned 16-bit integer.
+
+    ``mult`` is normalized to [2**15, 2**16) so the factor keeps 16 significant bits.
+
+    Parameters
+    ----------
+    mult : int
+        Mantissa, 2**15 <= mult < 2**16.
+    shift : int
+        Right shift, may be negative for factors of 2**16 or more.
+    """
+
+    BITS = 16
+
+    def __init__(self, mult, shift):
+        if not (1 << (self.BITS - 1)) <= mult < (1 << self.BITS):
+            raise ValueError(f"Multiplier mantissa {mult} is not normalized to 16 bits")
+        self.mult  = int(mult)
+        self.shift = int(shift)
+
+    def __float__(self):
+        return math.ldexp(self.mult, -self.shift)
+
+    def __repr__(self):
+        return f"Multiplier({self.mult}, {self.shift})"
+
+    def __eq__(self, other):
+        return (isinstance(other, Multiplier)
+                and (self.mult, self.shift) == (other.mult, other.shift))
+
+
+def multiplier_for(factor):
+    """The :class:`Multiplier` nearest to ``factor`` (> 0), rounding the mantissa half to even."""
+    if not (factor > 0 and math.isfinite(factor)):
+        raise ValueError(f"Requantization factor must be positive and finite, not {factor!r}")
+    frac, exp = math.frexp(factor)            # factor = frac * 2**exp, 0.5 <= frac < 1
+    mult = round(frac * (1 << Multiplier.BITS))
+    shift = Multiplier.BITS - exp
+    if mult == 1 << Multiplier.BITS:
+        mult, shift = mult >> 1, shift - 1
+    return Multiplier(mult, shift)
