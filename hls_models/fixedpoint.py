@@ -1,16 +1,14 @@
 """Fixed-point primitives shared by the integer model: saturation, rounding shifts, multipliers.
 
-Every function works on Python ints or NumPy ``int64``/object arrays and is exact. The rules here
-are the ones docs/numerics.md states and the RTL implements.
+Every function works on Python ints or NumPy ``int64`` arrays and is exact. The rules here are the
+ones docs/numerics.md states and the RTL implements.
 """
 
 import math
 
 import numpy as np
 
-__all__ = [
-    "saturate", "round_shift", "requantize", "Multiplier", "multiplier_for",
-]
+__all__ = ["saturate", "round_shift", "requantize", "Multiplier", "multiplier_for"]
 
 
 def saturate(value, bits):
@@ -20,32 +18,46 @@ def saturate(value, bits):
 
 
 def round_shift(value, shift):
-    """``value * 2**-shift`` rounded half up (toward +inf); a negative shift is a left shift.
+    """``value * 2**-shift`` rounded half up (toward +inf), for ``shift >= 0``.
 
     This is the one rounding rule of the datapath: add half an output LSB, then shift right
     arithmetically (``floor``).
     """
-    if shift > 0:
-        return (value + (1 << (shift - 1))) >> shift
-    return value << -shift
+    if shift < 0:
+        raise ValueError(f"round_shift takes a right shift, not {shift}")
+    if shift == 0:
+        return value
+    return (value + (1 << (shift - 1))) >> shift
 
 
 def requantize(acc, mult, shift, bits):
-    """``saturate(round_shift(acc * mult, shift), bits)``: scale an accumulator to ``bits`` bits."""
-    return saturate(round_shift(acc * mult, shift), bits)
+    """Scale an accumulator by ``mult * 2**-shift`` and saturate it to ``bits`` signed bits.
+
+    A right shift rounds half up (:func:`round_shift`). A negative ``shift`` is a left shift that
+    saturates as an infinitely wide one would: any nonzero value that leaves the range saturates.
+    ``acc * mult`` must fit in 63 bits (the widths in docs/numerics.md guarantee it).
+    """
+    value = acc * mult
+    if shift >= 0:
+        return saturate(round_shift(value, shift), bits)
+    left = min(-shift, bits)
+    bound = 1 << bits
+    clipped = np.clip(value, -bound, bound) if isinstance(value, np.ndarray) \
+        else max(-bound, min(bound, value))
+    return saturate(clipped << left, bits)
 
 
 class Multiplier:
-    """A positive real factor held as ``mult * 2**-shift`` with ``mult`` an unsigned 16-bit integer.
+    """A positive real factor held as ``mult * 2**-shift``, ``mult`` an unsigned 16-bit integer.
 
-    ``mult`` is normalized to [2**15, 2**16) so the factor keeps 16 significant bits.
+    ``mult`` is normalized to [2**15, 2**16), so the factor keeps 16 significant bits.
 
     Parameters
     ----------
     mult : int
         Mantissa, 2**15 <= mult < 2**16.
     shift : int
-        Right shift, may be negative for factors of 2**16 or more.
+        Right shift; negative for factors of 2**16 or more.
     """
 
     BITS = 16
@@ -66,9 +78,21 @@ class Multiplier:
         return (isinstance(other, Multiplier)
                 and (self.mult, self.shift) == (other.mult, other.shift))
 
+    def apply(self, acc, bits, exp=0):
+        """``requantize(acc, mult, shift - exp, bits)``: scale by this factor times ``2**exp``.
+
+        ``exp`` is a token's power-of-two activation exponent (an array broadcasts per token).
+        """
+        if isinstance(exp, np.ndarray):
+            out = np.empty(np.broadcast(acc, exp[:, None]).shape, dtype=np.int64)
+            for token, token_exp in enumerate(exp):
+                out[token] = requantize(acc[token], self.mult, self.shift - int(token_exp), bits)
+            return out
+        return requantize(acc, self.mult, self.shift - int(exp), bits)
+
 
 def multiplier_for(factor):
-    """The :class:`Multiplier` nearest to ``factor`` (> 0), rounding the mantissa half to even."""
+    """The :class:`Multiplier` nearest to ``factor`` (> 0), its mantissa rounded half to even."""
     if not (factor > 0 and math.isfinite(factor)):
         raise ValueError(f"Requantization factor must be positive and finite, not {factor!r}")
     frac, exp = math.frexp(factor)            # factor = frac * 2**exp, 0.5 <= frac < 1

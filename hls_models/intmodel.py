@@ -1,14 +1,108 @@
 """The bit-accurate integer model of the accelerator: the specification the RTL must equal.
 
-Every rounding, saturation and bit width here is stated in docs/numerics.md; the gateware in
-``moefpga.rtl`` computes exactly these functions.
+Every rounding, saturation and bit width here is stated in docs/numerics.md, section by section
+in the order of this file; the gateware in ``moefpga.rtl`` computes exactly these functions.
+Inputs are tokens quantized by :func:`moefpga.hls_models.quant.quantize_activations`: int8 values
+``xq`` (tokens, hidden) and a power-of-two exponent ``exp`` per token (the token is
+``xq * 2**exp``). A layer's static parameters come from :mod:`moefpga.hls_models.calibrate`.
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from .fixedpoint import saturate
+from .fixedpoint import Multiplier, round_shift, saturate
 
-__all__ = ["matvec"]
+__all__ = [
+    "ACT_BITS", "LOGIT_BITS", "LOGIT_FRAC_BITS", "PROB_FRAC_BITS", "UP_BITS", "OUT_BITS",
+    "EXP2_TABLE", "LOG2E_Q14",
+    "IntExpert", "IntLayer",
+    "matvec", "router_logits", "exp_neg", "softmax_topk", "sigmoid", "expert_ffn", "combine",
+    "moe_layer",
+]
+
+ACT_BITS        = 8     # token activations, SiLU input, FFN hidden activations
+LOGIT_BITS      = 16    # router logits, signed
+LOGIT_FRAC_BITS = 8     # ... with 8 fractional bits: range [-128, 128), step 1/256
+PROB_FRAC_BITS  = 15    # exp() values and routing weights: 1.0 == 2**15, unsigned 16-bit
+UP_BITS         = 16    # up projection, requantized before the SiLU product
+OUT_BITS        = 32    # expert outputs and the combined layer output
+
+#: log2(e) in Q2.14, the factor that turns a natural exponent into a base-2 one.
+LOG2E_Q14 = 23637
+#: ``EXP2_TABLE[f] = round(2**15 * 2**(-f / 256))``: the fractional part of 2**-b, b in Q8.
+EXP2_TABLE = np.rint(2.0 ** (PROB_FRAC_BITS - np.arange(256) / 256)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class IntExpert:
+    """One SwiGLU expert as the hardware holds it.
+
+    Members
+    -------
+    gate, up, down : QuantizedMatrix
+        Quantized (and M:N-pruned) weights; ``gate`` and ``up`` are (ffn, hidden), ``down`` is
+        (hidden, ffn).
+    gate_mult : Multiplier
+        Gate accumulator to the int8 SiLU-table index (times the token's ``2**exp``).
+    silu_table : ndarray of int64, shape (256,)
+        int8 SiLU outputs; entry ``i + 128`` is the output for the index ``i``.
+    up_mult : Multiplier
+        Up accumulator to int16 (times the token's ``2**exp``).
+    hidden_mult : Multiplier
+        ``silu * up`` product (int8 x int16) to the int8 hidden activation.
+    down_mult : Multiplier
+        Down accumulator to the layer's int32 output unit.
+    """
+    gate:        object
+    up:          object
+    down:        object
+    gate_mult:   Multiplier
+    silu_table:  np.ndarray
+    up_mult:     Multiplier
+    hidden_mult: Multiplier
+    down_mult:   Multiplier
+
+
+@dataclass(frozen=True)
+class IntLayer:
+    """One MoE layer as the hardware holds it.
+
+    Members
+    -------
+    router : ndarray of int64, shape (experts, hidden)
+        int16 router weights.
+    router_mult : Multiplier
+        Router accumulator to Q8 logits (times the token's ``2**exp``).
+    experts : list of IntExpert
+    top_k : int
+    normalize : bool
+        Divide the k routing weights by their sum instead of by the sum over all experts.
+    shared : IntExpert or None
+        The shared expert, added to every token.
+    shared_gate : ndarray of int64, shape (hidden,), or None
+        int16 weights of the shared expert's sigmoid gate; None means a gate of 1.0.
+    shared_gate_mult : Multiplier or None
+        Shared-gate accumulator to a Q8 logit.
+    out_scale : float
+        Real value of one LSB of the int32 output.
+    acc_bits : int
+        Width of every saturating accumulator.
+    """
+    router:           np.ndarray
+    router_mult:      Multiplier
+    experts:          list
+    top_k:            int
+    normalize:        bool
+    shared:           IntExpert | None
+    shared_gate:      np.ndarray | None
+    shared_gate_mult: Multiplier | None
+    out_scale:        float
+    acc_bits:         int
+
+    @property
+    def num_experts(self):
+        return len(self.experts)
 
 
 def matvec(q, mant, group_size, x, acc_bits):
@@ -51,3 +145,131 @@ def matvec(q, mant, group_size, x, acc_bits):
     for g in range(groups):
         acc = saturate(acc + scaled[:, g], acc_bits)
     return acc
+
+
+def _dot_rows(weights, xq, acc_bits):
+    """Saturating int dot products of int16 weight rows with int8 tokens, one group per row."""
+    weights = np.atleast_2d(weights)
+    return matvec(weights, np.ones((weights.shape[0], 1), dtype=np.int64), weights.shape[1],
+                  xq, acc_bits)
+
+
+def router_logits(xq, exp, layer):
+    """Q8 router logits, (tokens, experts): ``saturate(acc * router_mult * 2**exp, 16)``."""
+    acc = _dot_rows(layer.router, xq, layer.acc_bits)
+    return layer.router_mult.apply(acc, LOGIT_BITS, exp)
+
+
+def exp_neg(a):
+    """``exp(-a / 256)`` in Q15 for Q8 ``a >= 0``, as the hardware computes it.
+
+    ``b = round_shift(a * LOG2E_Q14, 14)`` is ``a * log2(e)`` in Q8; the result is
+    ``EXP2_TABLE[b % 256] >> (b // 256)`` (0 once the shift reaches 16).
+    """
+    a = np.asarray(a, dtype=np.int64)
+    b = round_shift(a * LOG2E_Q14, 14)
+    return EXP2_TABLE[b & 0xff] >> np.minimum(b >> 8, PROB_FRAC_BITS + 1)
+
+
+def softmax_topk(logits, top_k, normalize):
+    """Top-k experts and their fixed-point softmax weights from Q8 logits.
+
+    The k largest logits win, ties to the lower expert index; picks come in that order. Each
+    expert's ``e = exp_neg(max_logit - logit)`` (Q15); a pick's weight is
+    ``(e << 15) // denominator`` (floor), where the denominator sums ``e`` over the k picks when
+    ``normalize`` and over all experts otherwise. Weights are unsigned Q1.15 (1.0 == 32768).
+
+    Returns
+    -------
+    experts : ndarray of int64, shape (tokens, top_k)
+    weights : ndarray of int64, shape (tokens, top_k)
+    """
+    logits = np.asarray(logits, dtype=np.int64)
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+    e = exp_neg(logits.max(axis=1, keepdims=True) - logits)
+    picked = np.take_along_axis(e, order, axis=1)
+    denom = (picked if normalize else e).sum(axis=1, keepdims=True)
+    return order, (picked << PROB_FRAC_BITS) // denom
+
+
+def sigmoid(logit):
+    """``sigmoid(logit / 256)`` in unsigned Q1.15 from Q8 logits, by the same exp unit.
+
+    With ``e = exp_neg(|logit|)``: ``(1 << 30) // (2**15 + e)`` for ``logit >= 0`` and
+    ``(e << 15) // (2**15 + e)`` otherwise.
+    """
+    logit = np.asarray(logit, dtype=np.int64)
+    e = exp_neg(np.abs(logit))
+    num = np.where(logit >= 0, 1 << PROB_FRAC_BITS, e) << PROB_FRAC_BITS
+    return num // ((1 << PROB_FRAC_BITS) + e)
+
+
+def expert_ffn(xq, exp, expert, acc_bits):
+    """One SwiGLU expert on int8 tokens: ``down(silu(gate x) * up x)`` in the output's int32 unit.
+
+    1. ``g = saturate(gate_acc * gate_mult * 2**exp, 8)``; ``s = silu_table[g + 128]`` (int8).
+    2. ``u = saturate(up_acc * up_mult * 2**exp, 16)``.
+    3. ``h = saturate(s * u * hidden_mult, 8)``.
+    4. ``y = saturate(down_acc(h) * down_mult, 32)``.
+    """
+    g = expert.gate_mult.apply(_project(expert.gate, xq, acc_bits), ACT_BITS, exp)
+    u = expert.up_mult.apply(_project(expert.up, xq, acc_bits), UP_BITS, exp)
+    s = expert.silu_table[g + (1 << (ACT_BITS - 1))]
+    h = expert.hidden_mult.apply(s * u, ACT_BITS)
+    return expert.down_mult.apply(_project(expert.down, h, acc_bits), OUT_BITS)
+
+
+def _project(qm, x, acc_bits):
+    return matvec(qm.q, qm.mant, qm.group_size, x, acc_bits)
+
+
+def combine(weights, outputs):
+    """Weighted sum of int32 expert outputs with Q1.15 weights: ``saturate(round_shift(sum, 15))``.
+
+    Parameters
+    ----------
+    weights : ndarray, shape (tokens, n)
+    outputs : ndarray, shape (tokens, n, hidden)
+    """
+    acc = (np.asarray(weights, dtype=np.int64)[:, :, None] * outputs).sum(axis=1)
+    return saturate(round_shift(acc, PROB_FRAC_BITS), OUT_BITS)
+
+
+def moe_layer(xq, exp, layer, return_routing=False):
+    """A whole MoE layer on a batch of tokens: route, run each picked expert on its tokens,
+    add the shared expert, combine.
+
+    Parameters
+    ----------
+    xq : ndarray of int8, shape (tokens, hidden)
+    exp : ndarray of int, shape (tokens,)
+        Power-of-two activation exponents.
+    layer : IntLayer
+    return_routing : bool
+        Also return the picks and their Q1.15 weights.
+
+    Returns
+    -------
+    out : ndarray of int64, shape (tokens, hidden)
+        int32 outputs; the real output is ``out * layer.out_scale``.
+    """
+    xq = np.asarray(xq, dtype=np.int64)
+    exp = np.asarray(exp, dtype=np.int64)
+    picks, weights = softmax_topk(router_logits(xq, exp, layer), layer.top_k, layer.normalize)
+    tokens, hidden = xq.shape
+    outputs = np.zeros((tokens, layer.top_k + 1, hidden), dtype=np.int64)
+    for index in np.unique(picks):
+        token, slot = np.nonzero(picks == index)
+        outputs[token, slot] = expert_ffn(xq[token], exp[token], layer.experts[index],
+                                          layer.acc_bits)
+    shared_weight = np.zeros((tokens, 1), dtype=np.int64)
+    if layer.shared is not None:
+        outputs[:, -1] = expert_ffn(xq, exp, layer.shared, layer.acc_bits)
+        if layer.shared_gate is None:
+            shared_weight[:] = 1 << PROB_FRAC_BITS
+        else:
+            gate_logit = layer.shared_gate_mult.apply(
+                _dot_rows(layer.shared_gate, xq, layer.acc_bits), LOGIT_BITS, exp)
+            shared_weight[:] = sigmoid(gate_logit)
+    out = combine(np.concatenate([weights, shared_weight], axis=1), outputs)
+    return (out, picks, weights) if return_routing else out
