@@ -8,7 +8,10 @@ import math
 
 import numpy as np
 
-__all__ = ["saturate", "round_shift", "requantize", "Multiplier", "multiplier_for"]
+__all__ = ["MAX_SHIFT", "saturate", "round_shift", "requantize", "Multiplier", "multiplier_for"]
+
+#: Right shifts are clamped here; no value of the datapath reaches 2**56 in magnitude.
+MAX_SHIFT = 62
 
 
 def saturate(value, bits):
@@ -21,12 +24,14 @@ def round_shift(value, shift):
     """``value * 2**-shift`` rounded half up (toward +inf), for ``shift >= 0``.
 
     This is the one rounding rule of the datapath: add half an output LSB, then shift right
-    arithmetically (``floor``).
+    arithmetically (``floor``). Values stay below 2**56 in magnitude, so every shift of 62 or
+    more gives 0, and the shift is clamped there.
     """
     if shift < 0:
         raise ValueError(f"round_shift takes a right shift, not {shift}")
     if shift == 0:
         return value
+    shift = min(shift, MAX_SHIFT)
     return (value + (1 << (shift - 1))) >> shift
 
 
