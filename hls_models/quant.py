@@ -18,6 +18,7 @@ from moefpga.hls_models.errors import MoefpgaError
 from moefpga.hls_models.sparsity import (
     DENSE,
     Sparsity,
+    check_width,
     compress,
     packed_positions_nbytes,
     packed_values_nbytes,
@@ -33,6 +34,7 @@ __all__ = [
     "QMAX",
     "QuantizedMatrix",
     "dequantize_activations",
+    "packed_matrix_nbytes",
     "quantize_activations",
     "quantize_weights",
     "resolve_group_size",
@@ -90,6 +92,29 @@ def resolve_group_size(cols, group_size):
     if cols % group_size:
         raise MoefpgaError(f"group size {group_size} does not divide the {cols} input columns")
     return group_size
+
+
+def _stored_nbytes(rows, cols, bits, g, sp):
+    shape = (rows, cols // sp.m, sp.n)
+    payload = packed_values_nbytes(rows * shape[1] * sp.n, bits)
+    return payload + packed_positions_nbytes(shape, sp.m) + 2 * rows * (cols // g) + 4
+
+
+def packed_matrix_nbytes(rows, cols, bits, group_size, sparsity):
+    """Stored bytes of a (rows, cols) matrix quantized with these settings, without quantizing.
+
+    Equals :attr:`QuantizedMatrix.nbytes_packed` of :func:`quantize_weights` with the same
+    arguments: packed values and positions, 2 bytes per mantissa, 4 for the scale.
+
+    Raises
+    ------
+    MoefpgaError
+        For bad ``bits`` or ``group_size``, ``cols`` not a multiple of M, or ``G`` not dividing
+        ``cols``.
+    """
+    _check_bits(bits)
+    check_width(cols, sparsity)
+    return _stored_nbytes(rows, cols, bits, resolve_group_size(cols, group_size), sparsity)
 
 
 def _matrix_scale(group_steps):
@@ -230,10 +255,7 @@ class QuantizedMatrix:
     @property
     def nbytes_packed(self):
         """int: stored bytes: packed values and positions, 2 per mantissa, 4 for the scale."""
-        sp = self.sparsity
-        shape = (self.rows, self.cols // sp.m, sp.n)
-        payload = packed_values_nbytes(int(np.prod(shape)), self.bits)
-        return payload + packed_positions_nbytes(shape, sp.m) + 2 * self.mant.size + 4
+        return _stored_nbytes(self.rows, self.cols, self.bits, self.group_size, self.sparsity)
 
 
 def _check_tokens(x):

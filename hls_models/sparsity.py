@@ -20,6 +20,7 @@ __all__ = [
     "DENSE",
     "CompressedMN",
     "Sparsity",
+    "check_width",
     "compress",
     "decompress",
     "pack_positions",
@@ -113,15 +114,18 @@ def parse_sparsity(text):
     return Sparsity(m=m, n=n)
 
 
+def check_width(cols, sp):
+    """Raise :class:`MoefpgaError` unless a matrix of ``cols`` input columns fits ``sp``."""
+    if cols % sp.m:
+        raise MoefpgaError(f"hidden size {cols} is not a multiple of M={sp.m} (sparsity {sp})")
+
+
 def _check_matrix(w, sp, what):
     """Return ``w`` as a 2-D array after checking its width fits ``sp``."""
     w = np.asarray(w)
     if w.ndim != 2:
         raise MoefpgaError(f"{what} must be 2-D (rows, cols), not of shape {w.shape}")
-    if w.shape[1] % sp.m:
-        raise MoefpgaError(
-            f"hidden size {w.shape[1]} is not a multiple of M={sp.m} (sparsity {sp})"
-        )
+    check_width(w.shape[1], sp)
     return w
 
 

@@ -14,6 +14,7 @@ from moefpga.hls_models.quant import (
     QMAX,
     QuantizedMatrix,
     dequantize_activations,
+    packed_matrix_nbytes,
     quantize_activations,
     quantize_weights,
     resolve_group_size,
@@ -105,6 +106,7 @@ def test_compressed_codes_and_stored_size(case):
     np.testing.assert_array_equal(decompress(c), qm.q)
     payload = len(pack_values(c.values, bits)) + len(pack_positions(c.positions, sp.m))
     assert qm.nbytes_packed == payload + 2 * qm.mant.size + 4
+    assert packed_matrix_nbytes(*w.shape, bits, group_size, sp) == qm.nbytes_packed
 
 
 def test_zero_matrix_has_unit_scale():
@@ -150,6 +152,19 @@ def test_bad_weight_arguments_are_refused(kwargs, message):
     args = {"bits": 8, "group_size": None, "sparsity": DENSE} | kwargs
     with pytest.raises(MoefpgaError, match=message):
         quantize_weights(np.ones(shape), **args)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((2, 40, 8, None, Sparsity(16, 4)), "hidden size 40 is not a multiple of M=16"),
+        ((2, 96, 8, 64, DENSE), "group size 64 does not divide the 96 input columns"),
+        ((2, 96, 5, None, DENSE), "weight bits must be 4 or 8"),
+    ],
+)
+def test_stored_size_refuses_what_quantization_refuses(args, message):
+    with pytest.raises(MoefpgaError, match=message):
+        packed_matrix_nbytes(*args)
 
 
 def test_nan_weight_is_refused_naming_the_place():
