@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from moefpga.hls_models.config import load_config, parse_config
 from moefpga.hls_models.errors import MoefpgaError
 
