@@ -2,9 +2,11 @@
 
 Every rounding, saturation and bit width here is stated in docs/numerics.md, section by section
 in the order of this file; the gateware in ``moefpga.rtl`` computes exactly these functions.
-Inputs are tokens quantized by :func:`moefpga.hls_models.quant.quantize_activations`: int8 values
-``xq`` (tokens, hidden) and a power-of-two exponent ``exp`` per token (the token is
-``xq * 2**exp``). A layer's static parameters come from :mod:`moefpga.hls_models.calibrate`.
+Inputs are tokens quantized by :func:`moefpga.hls_models.quant.quantize_activations` to 16 bits:
+int16 values ``x16`` (tokens, hidden) and a power-of-two exponent ``exp`` per token (the token is
+``x16 * 2**exp``). The router reads the int16 token; the experts read the int8 token derived from
+it on chip (:func:`expert_input`). A layer's static parameters come from
+:mod:`moefpga.hls_models.calibrate`.
 """
 
 from dataclasses import dataclass
@@ -14,16 +16,18 @@ import numpy as np
 from .fixedpoint import Multiplier, round_shift, saturate
 
 __all__ = [
-    "ACT_BITS", "LOGIT_BITS", "LOGIT_FRAC_BITS", "PROB_FRAC_BITS", "UP_BITS", "OUT_BITS",
-    "EXP2_TABLE", "LOG2E_Q14",
+    "TOKEN_BITS", "ACT_BITS", "ROUTER_ACC_BITS", "LOGIT_BITS", "LOGIT_FRAC_BITS",
+    "PROB_FRAC_BITS", "UP_BITS", "OUT_BITS", "EXP2_TABLE", "LOG2E_Q14",
     "IntExpert", "IntLayer",
-    "matvec", "router_logits", "exp_neg", "softmax_topk", "sigmoid", "expert_ffn", "combine",
-    "moe_layer",
+    "matvec", "expert_input", "router_logits", "exp_neg", "softmax_topk", "sigmoid",
+    "expert_ffn", "combine", "moe_layer",
 ]
 
-ACT_BITS        = 8     # token activations, SiLU input, FFN hidden activations
-LOGIT_BITS      = 16    # router logits, signed
-LOGIT_FRAC_BITS = 8     # ... with 8 fractional bits: range [-128, 128), step 1/256
+TOKEN_BITS      = 16    # tokens as the host sends them, read by the router
+ACT_BITS        = 8     # expert inputs, SiLU input, FFN hidden activations
+ROUTER_ACC_BITS = 48    # router and shared-gate accumulators (int16 x int16 products)
+LOGIT_BITS      = 20    # router logits, signed
+LOGIT_FRAC_BITS = 12    # ... with 12 fractional bits: range [-128, 128), step 1/4096
 PROB_FRAC_BITS  = 15    # exp() values and routing weights: 1.0 == 2**15, unsigned 16-bit
 UP_BITS         = 16    # up projection, requantized before the SiLU product
 OUT_BITS        = 32    # expert outputs and the combined layer output
@@ -73,7 +77,7 @@ class IntLayer:
     router : ndarray of int64, shape (experts, hidden)
         int16 router weights.
     router_mult : Multiplier
-        Router accumulator to Q8 logits (times the token's ``2**exp``).
+        Router accumulator to Q12 logits (times the token's ``2**exp``).
     experts : list of IntExpert
     top_k : int
     normalize : bool
@@ -83,11 +87,11 @@ class IntLayer:
     shared_gate : ndarray of int64, shape (hidden,), or None
         int16 weights of the shared expert's sigmoid gate; None means a gate of 1.0.
     shared_gate_mult : Multiplier or None
-        Shared-gate accumulator to a Q8 logit.
+        Shared-gate accumulator to a Q12 logit.
     out_scale : float
         Real value of one LSB of the int32 output.
     acc_bits : int
-        Width of every saturating accumulator.
+        Width of the expert datapath's saturating accumulators.
     """
     router:           np.ndarray
     router_mult:      Multiplier
@@ -147,32 +151,38 @@ def matvec(q, mant, group_size, x, acc_bits):
     return acc
 
 
-def _dot_rows(weights, xq, acc_bits):
-    """Saturating int dot products of int16 weight rows with int8 tokens, one group per row."""
+def expert_input(x16, exp):
+    """The int8 token the experts read: ``saturate(round_shift(x16, 8), 8)``, exponent + 8."""
+    shift = TOKEN_BITS - ACT_BITS
+    return saturate(round_shift(np.asarray(x16, dtype=np.int64), shift), ACT_BITS), exp + shift
+
+
+def _logits(weights, x16, exp, mult):
+    """Q12 logits of int16 weight rows: ``saturate(acc * mult * 2**exp, 20)``, acc 48 bits."""
     weights = np.atleast_2d(weights)
-    return matvec(weights, np.ones((weights.shape[0], 1), dtype=np.int64), weights.shape[1],
-                  xq, acc_bits)
+    acc = matvec(weights, np.ones((weights.shape[0], 1), dtype=np.int64), weights.shape[1],
+                 x16, ROUTER_ACC_BITS)
+    return mult.apply(acc, LOGIT_BITS, exp)
 
 
-def router_logits(xq, exp, layer):
-    """Q8 router logits, (tokens, experts): ``saturate(acc * router_mult * 2**exp, 16)``."""
-    acc = _dot_rows(layer.router, xq, layer.acc_bits)
-    return layer.router_mult.apply(acc, LOGIT_BITS, exp)
+def router_logits(x16, exp, layer):
+    """Q12 router logits (tokens, experts) of int16 tokens."""
+    return _logits(layer.router, x16, exp, layer.router_mult)
 
 
 def exp_neg(a):
-    """``exp(-a / 256)`` in Q15 for Q8 ``a >= 0``, as the hardware computes it.
+    """``exp(-a / 4096)`` in Q15 for Q12 ``a >= 0``, as the hardware computes it.
 
-    ``b = round_shift(a * LOG2E_Q14, 14)`` is ``a * log2(e)`` in Q8; the result is
+    ``b = round_shift(a * LOG2E_Q14, 18)`` is ``a * log2(e)`` in Q8; the result is
     ``EXP2_TABLE[b % 256] >> (b // 256)`` (0 once the shift reaches 16).
     """
     a = np.asarray(a, dtype=np.int64)
-    b = round_shift(a * LOG2E_Q14, 14)
+    b = round_shift(a * LOG2E_Q14, 14 + LOGIT_FRAC_BITS - 8)
     return EXP2_TABLE[b & 0xff] >> np.minimum(b >> 8, PROB_FRAC_BITS + 1)
 
 
 def softmax_topk(logits, top_k, normalize):
-    """Top-k experts and their fixed-point softmax weights from Q8 logits.
+    """Top-k experts and their fixed-point softmax weights from Q12 logits.
 
     The k largest logits win, ties to the lower expert index; picks come in that order. Each
     expert's ``e = exp_neg(max_logit - logit)`` (Q15); a pick's weight is
@@ -193,7 +203,7 @@ def softmax_topk(logits, top_k, normalize):
 
 
 def sigmoid(logit):
-    """``sigmoid(logit / 256)`` in unsigned Q1.15 from Q8 logits, by the same exp unit.
+    """``sigmoid(logit / 4096)`` in unsigned Q1.15 from Q12 logits, by the same exp unit.
 
     With ``e = exp_neg(|logit|)``: ``(1 << 30) // (2**15 + e)`` for ``logit >= 0`` and
     ``(e << 15) // (2**15 + e)`` otherwise.
@@ -235,15 +245,15 @@ def combine(weights, outputs):
     return saturate(round_shift(acc, PROB_FRAC_BITS), OUT_BITS)
 
 
-def moe_layer(xq, exp, layer, return_routing=False):
+def moe_layer(x16, exp, layer, return_routing=False):
     """A whole MoE layer on a batch of tokens: route, run each picked expert on its tokens,
     add the shared expert, combine.
 
     Parameters
     ----------
-    xq : ndarray of int8, shape (tokens, hidden)
+    x16 : ndarray of int16, shape (tokens, hidden)
     exp : ndarray of int, shape (tokens,)
-        Power-of-two activation exponents.
+        Power-of-two token exponents.
     layer : IntLayer
     return_routing : bool
         Also return the picks and their Q1.15 weights.
@@ -253,9 +263,11 @@ def moe_layer(xq, exp, layer, return_routing=False):
     out : ndarray of int64, shape (tokens, hidden)
         int32 outputs; the real output is ``out * layer.out_scale``.
     """
-    xq = np.asarray(xq, dtype=np.int64)
-    exp = np.asarray(exp, dtype=np.int64)
-    picks, weights = softmax_topk(router_logits(xq, exp, layer), layer.top_k, layer.normalize)
+    x16 = np.asarray(x16, dtype=np.int64)
+    exp16 = np.asarray(exp, dtype=np.int64)
+    picks, weights = softmax_topk(router_logits(x16, exp16, layer), layer.top_k,
+                                  layer.normalize)
+    xq, exp = expert_input(x16, exp16)
     tokens, hidden = xq.shape
     outputs = np.zeros((tokens, layer.top_k + 1, hidden), dtype=np.int64)
     for index in np.unique(picks):
@@ -268,8 +280,7 @@ def moe_layer(xq, exp, layer, return_routing=False):
         if layer.shared_gate is None:
             shared_weight[:] = 1 << PROB_FRAC_BITS
         else:
-            gate_logit = layer.shared_gate_mult.apply(
-                _dot_rows(layer.shared_gate, xq, layer.acc_bits), LOGIT_BITS, exp)
-            shared_weight[:] = sigmoid(gate_logit)
+            shared_weight[:, 0] = sigmoid(
+                _logits(layer.shared_gate, x16, exp16, layer.shared_gate_mult)[:, 0])
     out = combine(np.concatenate([weights, shared_weight], axis=1), outputs)
     return (out, picks, weights) if return_routing else out

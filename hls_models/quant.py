@@ -27,6 +27,7 @@ from moefpga.hls_models.sparsity import (
 
 __all__ = [
     "ACT_QMAX",
+    "TOKEN_BITS",
     "EXP_MAX",
     "EXP_MIN",
     "GROUP_SIZES",
@@ -44,7 +45,9 @@ __all__ = [
 QMAX = {8: 127, 4: 7}
 MANT_BITS = 8
 GROUP_SIZES = (32, 64, 128)
-ACT_QMAX = 127
+#: Largest activation code per width: int8 activations, int16 tokens (what the host sends).
+ACT_QMAX = {8: 127, 16: 32767}
+TOKEN_BITS = 16
 EXP_MIN, EXP_MAX = -64, 63
 
 _MANT_ONE = 1 << MANT_BITS
@@ -268,43 +271,49 @@ def _check_tokens(x):
     return x.astype(np.float64)
 
 
-def _token_exponents(amax):
-    """Smallest integer ``e`` with ``amax / 2**e <= 127``, per token, clamped; 0 for zero tokens.
+def _token_exponents(amax, bits):
+    """Smallest integer ``e`` with ``amax / 2**e <= qmax``, per token, clamped; 0 for zero tokens.
 
-    With ``amax = f * 2**k``, ``0.5 <= f < 1`` (``numpy.frexp``, exact), ``amax / 2**(k-7)`` is
-    ``128 f`` in [64, 128): ``e = k - 7`` if ``128 f <= 127``, else ``k - 6``.
+    With ``qmax = 2**(b-1) - 1`` and ``amax = f * 2**k``, ``0.5 <= f < 1`` (``numpy.frexp``,
+    exact), ``amax / 2**(k-b+1)`` is ``2**(b-1) f`` in [2**(b-2), 2**(b-1)):
+    ``e = k - b + 1`` if ``2**(b-1) f <= qmax``, else one more.
     """
     frac, k = np.frexp(amax)
-    exp = k - 7 + (frac > ACT_QMAX / 128)
+    exp = k - (bits - 1) + (frac > ACT_QMAX[bits] / 2 ** (bits - 1))
     return np.where(amax == 0, 0, np.clip(exp, EXP_MIN, EXP_MAX)).astype(np.int8)
 
 
-def quantize_activations(x):
-    """Quantize activations to int8 per token with a power-of-two scale.
+def quantize_activations(x, bits=TOKEN_BITS):
+    """Quantize activations per token to ``bits`` (16 or 8) with a power-of-two scale.
 
     Parameters
     ----------
     x : array_like, shape (T, d)
         Real activations, one row per token.
+    bits : {16, 8}
+        16 for tokens as the host sends them; the hardware derives int8 from those.
 
     Returns
     -------
-    xq : numpy.ndarray of int8, shape (T, d)
-        ``clip(round_half_even(x / 2**exp), -127, 127)``.
+    xq : numpy.ndarray of int16 or int8, shape (T, d)
+        ``clip(round_half_even(x / 2**exp), -qmax, qmax)``, qmax = 32767 or 127.
     exp : numpy.ndarray of int8, shape (T,)
-        Per token the smallest integer with ``max|x_t| / 2**exp <= 127``, clamped to -64..63
+        Per token the smallest integer with ``max|x_t| / 2**exp <= qmax``, clamped to -64..63
         (only a clamp at 63 can clip); 0 for an all-zero token. Unless clamped,
-        ``max|xq_t| >= 64`` for a nonzero token.
+        ``max|xq_t| >= (qmax + 1) / 2`` for a nonzero token.
 
     Raises
     ------
     MoefpgaError
         If ``x`` is not 2-D or a token holds a non-finite value (the message names the token).
     """
+    if bits not in ACT_QMAX:
+        raise MoefpgaError(f"activation bits must be 16 or 8, not {bits!r}")
     x = _check_tokens(x)
-    exp = _token_exponents(np.abs(x).max(axis=1, initial=0.0))
+    exp = _token_exponents(np.abs(x).max(axis=1, initial=0.0), bits)
     scaled = np.ldexp(x, -exp.astype(np.int32)[:, None])
-    xq = np.clip(round_half_even(scaled), -ACT_QMAX, ACT_QMAX).astype(np.int8)
+    qmax = ACT_QMAX[bits]
+    xq = np.clip(round_half_even(scaled), -qmax, qmax).astype(np.int8 if bits == 8 else np.int16)
     return xq, exp
 
 

@@ -210,11 +210,11 @@ def test_corrupted_quantized_matrix_is_refused(change):
 # --- activations ------------------------------------------------------------------------------
 
 
-def brute_force_exponent(amax):
-    """Smallest integer e with amax / 2**e <= 127, by search, clamped; 0 for a zero token."""
+def brute_force_exponent(amax, qmax):
+    """Smallest integer e with amax / 2**e <= qmax, by search, clamped; 0 for a zero token."""
     if amax == 0:
         return 0
-    e = next(e for e in range(-200, 200) if amax / 2.0**e <= 127)
+    e = next(e for e in range(-200, 200) if amax / 2.0**e <= qmax)
     return min(max(e, EXP_MIN), EXP_MAX)
 
 
@@ -230,21 +230,23 @@ tokens = hnp.arrays(
 
 
 @settings(max_examples=100, deadline=None)
-@given(tokens)
-def test_activations_exponent_is_exact_and_error_is_half_a_step(x):
-    xq, exp = quantize_activations(x)
-    assert xq.dtype == np.int8 and exp.dtype == np.int8
+@given(tokens, st.sampled_from([(8, 127, np.int8), (16, 32767, np.int16)]))
+def test_activations_exponent_is_exact_and_error_is_half_a_step(x, width):
+    bits, qmax, dtype = width
+    xq, exp = quantize_activations(x, bits)
+    assert xq.dtype == dtype and exp.dtype == np.int8
     assert xq.shape == x.shape and exp.shape == x.shape[:1]
-    assert np.abs(xq.astype(int)).max(initial=0) <= 127
+    assert np.abs(xq.astype(int)).max(initial=0) <= qmax
     amax = np.abs(x.astype(np.float64)).max(axis=1, initial=0)
-    assert exp.tolist() == [brute_force_exponent(a) for a in amax.tolist()]
+    assert exp.tolist() == [brute_force_exponent(a, qmax) for a in amax.tolist()]
     deq = dequantize_activations(xq, exp)
     assert deq.dtype == np.float32
     np.testing.assert_array_equal(deq, xq * np.exp2(exp.astype(np.float64))[:, None])
     step = np.exp2(exp.astype(np.float64))[:, None]
     assert np.all(np.abs(x - deq.astype(np.float64)) <= step / 2)
     tight = (amax > 0) & (exp > EXP_MIN)
-    assert np.all(np.abs(xq[tight].astype(int)).max(axis=1, initial=64) >= 64)
+    half = (qmax + 1) // 2
+    assert np.all(np.abs(xq[tight].astype(int)).max(axis=1, initial=half) >= half)
 
 
 @pytest.mark.parametrize(
@@ -262,12 +264,17 @@ def test_activations_exponent_is_exact_and_error_is_half_a_step(x):
     ],
 )
 def test_activation_exponent_edges(amax, exp, code):
-    xq, e = quantize_activations(np.array([[amax, -amax / 4]], dtype=np.float32))
+    xq, e = quantize_activations(np.array([[amax, -amax / 4]], dtype=np.float32), 8)
     assert (int(e[0]), int(xq[0, 0])) == (exp, code)
 
 
+def test_int16_token_exponent_edges():
+    xq, exp = quantize_activations(np.array([[32767.0], [32767.5], [1.0]]))
+    assert exp.tolist() == [0, 1, -14] and xq[:, 0].tolist() == [32767, 16384, 16384]
+
+
 def test_zero_token_between_nonzero_tokens():
-    xq, exp = quantize_activations(np.array([[1.0, 0], [0, 0], [0, -3.0]]))
+    xq, exp = quantize_activations(np.array([[1.0, 0], [0, 0], [0, -3.0]]), 8)
     assert exp.tolist() == [-6, 0, -5] and xq.tolist() == [[64, 0], [0, 0], [0, -96]]
 
 
@@ -282,5 +289,7 @@ def test_non_finite_activation_is_refused_naming_the_token(bad):
 def test_bad_activation_shapes_are_refused():
     with pytest.raises(MoefpgaError, match="2-D"):
         quantize_activations(np.ones(3))
+    with pytest.raises(MoefpgaError, match="16 or 8"):
+        quantize_activations(np.ones((1, 3)), 4)
     with pytest.raises(MoefpgaError, match="one exponent per token"):
         dequantize_activations(np.ones((2, 3), np.int8), np.zeros(3, np.int8))
