@@ -1,2 +1,293 @@
+"""The ``moefpga`` command line.
+
+Every mistake in what the user gives (a path, an option, a checkpoint, an input array) ends in one
+line ``moefpga: error: ...`` on standard error and exit status 2; progress goes to standard
+error, results to standard output.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..hls_models import intmodel, reference
+from ..hls_models.calibrate import QuantSpec, calibration_tokens, prune_layer, quantize_layer
+from ..hls_models.checkpoint import Checkpoint
+from ..hls_models.errors import MoefpgaError
+from ..hls_models.fidelity import evaluate_layer
+from ..hls_models.quant import GROUP_SIZES, quantize_activations
+from ..hls_models.sparsity import parse_sparsity
+from ..hls_models.synthetic import DEFAULT_MODEL, ensure_default_model
+from .storage import layer_storage_table
+
+BACKENDS = ("reference", "model")
+
+#: What ``moefpga eval`` compares when no ``--setting`` is given.
+DEFAULT_SETTINGS = ("int8", "int8/2:4", "int4/g32", "int4/g32/2:4")
+
+
+def parse_setting(text):
+    """A :class:`QuantSpec` from ``int8|int4[/gG][/dense|N:M]``, e.g. ``int4/g32/2:4``."""
+    parts = text.split("/")
+    if parts[0] not in ("int8", "int4"):
+        raise MoefpgaError(f"setting {text!r} must start with int8 or int4")
+    spec = {"bits": int(parts[0][3:])}
+    for part in parts[1:]:
+        if part.startswith("g") and part[1:].isdigit():
+            spec["group_size"] = _group_size(int(part[1:]))
+        else:
+            spec["sparsity"] = parse_sparsity(part)
+    return QuantSpec(**spec)
+
+
+def _group_size(value):
+    if value not in GROUP_SIZES:
+        raise MoefpgaError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                           f"not {value}")
+    return value
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text!r}")
+    return value
+
+
+def _spec_from_args(args):
+    return QuantSpec(bits=int(args.quant[3:]),
+                     group_size=None if args.group_size is None else _group_size(args.group_size),
+                     sparsity=parse_sparsity(args.sparsity))
+
+
+def _progress(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_tokens(path, hidden_size, what="input"):
+    """A float32 (tokens, hidden) array from a ``.npy`` file, or a :class:`MoefpgaError`."""
+    path = Path(path)
+    if not path.exists():
+        raise MoefpgaError(f"{what} file {path} does not exist")
+    if not path.is_file():
+        raise MoefpgaError(f"{what} {path} is not a file")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise MoefpgaError(f"{what} file {path} is not a readable .npy array ({exc})") from None
+    if x.ndim != 2 or x.shape[1] != hidden_size or x.shape[0] == 0:
+        raise MoefpgaError(f"{what} {path} has shape {x.shape}; expected (tokens, {hidden_size})")
+    if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+        raise MoefpgaError(f"{what} {path} holds {x.dtype} values; expected real numbers")
+    x = x.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if bad.size:
+        raise MoefpgaError(f"{what} {path} has NaN or Inf in token {bad[0]}")
+    return x
+
+
+def check_output(path):
+    """Refuse an output path whose folder does not exist, before any work is done."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise MoefpgaError(f"output folder {path.parent} does not exist")
+    if path.is_dir():
+        raise MoefpgaError(f"output {path} is a folder; give a file name such as Y.npy")
+    return path
+
+
+def save_array(path, array):
+    """Write ``array`` to ``path`` (.npy) through a temporary file, so a failure loses nothing."""
+    path = check_output(path)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
+
+
+def run_layer(checkpoint, layer, x, backend, spec, calibration):
+    """The float32 output of MoE layer ``layer`` for tokens ``x`` on ``backend``."""
+    weights = checkpoint.moe_layer(layer)
+    if backend == "reference":
+        return reference.moe_layer(x, prune_layer(weights, spec.sparsity))
+    int_layer = quantize_layer(weights, spec, calibration)
+    xq, exp = quantize_activations(x)
+    return (intmodel.moe_layer(xq, exp, int_layer) * int_layer.out_scale).astype(np.float32)
+
+
+def default_calibration(checkpoint, layer):
+    """Synthetic calibration tokens shaped by the layer's RMSNorm weight."""
+    return calibration_tokens(checkpoint.config.hidden_size, checkpoint.norm_weight(layer))
+
+
+def cmd_info(args):
+    checkpoint = Checkpoint.open(args.checkpoint)
+    print(format_info(checkpoint))
+
+
+def format_info(checkpoint):
+    """The summary ``moefpga info`` prints: architecture, parameter counts and storage."""
+    cfg = checkpoint.config
+    shared = (f"; shared expert of {cfg.shared_expert_ffn_size}"
+              if cfg.shared_expert_ffn_size else "")
+    routed = 3 * cfg.hidden_size * cfg.expert_ffn_size * cfg.num_experts
+    lines = [
+        f"checkpoint    {checkpoint.path}",
+        f"family        {cfg.family}",
+        f"layers        {cfg.num_layers}, MoE layers: {_ranges(cfg.moe_layers)}",
+        f"hidden size   {cfg.hidden_size}",
+        f"experts       {cfg.num_experts} routed, top-{cfg.top_k}, routing weights "
+        f"{'renormalized' if cfg.norm_topk_prob else 'not renormalized'}{shared}",
+        f"expert ffn    {cfg.expert_ffn_size}",
+        f"parameters    {routed:,} routed-expert weights per MoE layer, "
+        f"{routed * len(cfg.moe_layers):,} in all MoE layers",
+        "",
+        "storage per MoE layer (routed and shared experts, payload and scales):",
+    ]
+    lines += ["  " + row for row in layer_storage_table(cfg)]
+    return "\n".join(lines)
+
+
+def _ranges(indices):
+    """``0-3, 5`` for (0, 1, 2, 3, 5)."""
+    out, start = [], None
+    for i, index in enumerate(indices):
+        if start is None:
+            start = index
+        if i + 1 == len(indices) or indices[i + 1] != index + 1:
+            out.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return ", ".join(out) or "none"
+
+
+def cmd_run(args):
+    check_output(args.output)
+    checkpoint = Checkpoint.open(args.checkpoint)
+    spec = _spec_from_args(args)
+    x = load_tokens(args.input, checkpoint.config.hidden_size)
+    calibration = (load_tokens(args.calibration, checkpoint.config.hidden_size, "calibration")
+                   if args.calibration else default_calibration(checkpoint, args.layer))
+    _progress(f"layer {args.layer}: {x.shape[0]} tokens on backend {args.backend}, {spec}")
+    y = run_layer(checkpoint, args.layer, x, args.backend, spec, calibration)
+    save_array(args.output, y)
+    print(f"wrote {args.output}: {y.shape[0]} x {y.shape[1]} float32")
+
+
+def cmd_eval(args):
+    checkpoint = Checkpoint.open(args.checkpoint)
+    print(format_eval(checkpoint, _eval_layers(checkpoint, args.layers),
+                      [parse_setting(s) for s in args.setting or DEFAULT_SETTINGS], args.tokens))
+
+
+def _eval_layers(checkpoint, text):
+    if text is None:
+        return checkpoint.config.moe_layers
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise MoefpgaError(f"--layers takes comma-separated layer numbers, not {text!r}") from None
+
+
+def format_eval(checkpoint, layers, specs, tokens):
+    """The fidelity table: integer model against the float reference on the pruned weights.
+
+    Evaluation tokens and calibration tokens are drawn apart (different seeds).
+    """
+    hidden = checkpoint.config.hidden_size
+    lines = [f"{'layer':>5}  {'setting':<22}{'cosine':>9}{'rel L2':>9}{'routing':>9}"]
+    for n, layer in enumerate(layers):
+        weights = checkpoint.moe_layer(layer)
+        norm = checkpoint.norm_weight(layer)
+        x = calibration_tokens(hidden, norm, count=tokens, seed=1000 + layer)
+        calibration = calibration_tokens(hidden, norm, seed=layer)
+        for spec in specs:
+            _progress(f"eval: layer {layer} ({n + 1}/{len(layers)}), {spec}")
+            f = evaluate_layer(weights, spec, x, calibration)
+            lines.append(f"{layer:>5}  {str(spec):<22}{f.cosine:>9.5f}{f.rel_l2:>9.5f}"
+                         f"{f.routing_agreement:>8.1%}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args):
+    workdir = Path(args.workdir)
+    model = ensure_default_model(workdir / "model")
+    checkpoint = Checkpoint.open(model)
+    print(format_info(checkpoint))
+    layer = checkpoint.config.moe_layers[0]
+    x = calibration_tokens(checkpoint.config.hidden_size, checkpoint.norm_weight(layer),
+                           count=64, seed=7)
+    save_array(workdir / "tokens.npy", x)
+    spec = QuantSpec()
+    calibration = default_calibration(checkpoint, layer)
+    y_ref = run_layer(checkpoint, layer, x, "reference", spec, calibration)
+    y_int = run_layer(checkpoint, layer, x, "model", spec, calibration)
+    save_array(workdir / "y_reference.npy", y_ref)
+    save_array(workdir / "y_model.npy", y_int)
+    print(f"\nlayer {layer}, {x.shape[0]} tokens: wrote {workdir}/y_reference.npy and "
+          f"y_model.npy ({spec})")
+    print("\nfidelity of the bit-accurate integer model against the float reference:")
+    print(format_eval(checkpoint, checkpoint.config.moe_layers,
+                      [parse_setting(s) for s in DEFAULT_SETTINGS], tokens=256))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="moefpga", description="Mixture-of-Experts inference on FPGAs: models and host.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def checkpoint_arg(p):
+        p.add_argument("--checkpoint", required=True, metavar="DIR",
+                       help="Hugging Face checkpoint folder (config.json, *.safetensors)")
+
+    p = sub.add_parser("info", help="summarize a checkpoint and what each format would store")
+    checkpoint_arg(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("run", help="run one MoE layer on a batch of tokens")
+    checkpoint_arg(p)
+    p.add_argument("--layer", type=int, required=True, help="decoder layer index (an MoE layer)")
+    p.add_argument("--input", required=True, metavar="X.npy", help="float tokens x hidden")
+    p.add_argument("--output", required=True, metavar="Y.npy", help="float32 MoE output")
+    p.add_argument("--backend", choices=BACKENDS, default="model")
+    p.add_argument("--quant", choices=("int8", "int4"), default="int8")
+    p.add_argument("--group-size", type=int, metavar="G",
+                   help=f"weights per scale ({', '.join(map(str, GROUP_SIZES))}); "
+                        "default: one scale per output channel")
+    p.add_argument("--sparsity", default="dense", help="dense or N:M, e.g. 2:4 (default dense)")
+    p.add_argument("--calibration", metavar="C.npy",
+                   help="tokens that set the static scales (default: synthetic RMSNorm-shaped)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="fidelity of the integer model against the float reference")
+    checkpoint_arg(p)
+    p.add_argument("--layers", metavar="L,L,...", help="MoE layers to evaluate (default all)")
+    p.add_argument("--setting", action="append", metavar="SPEC",
+                   help="int8|int4[/gG][/N:M], repeatable "
+                        f"(default: {' '.join(DEFAULT_SETTINGS)})")
+    p.add_argument("--tokens", type=_positive_int, default=256,
+                   help="evaluation tokens (default 256)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="generate the default model, summarize it, measure fidelity")
+    p.add_argument("--workdir", default="build/demo-model", metavar="DIR",
+                   help=f"where the default model ({DEFAULT_MODEL['family']}) and outputs go")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
 def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MoefpgaError as exc:
+        print(f"moefpga: error: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The ``moefpga`` command line, run as a user runs it: a subprocess, its output and exit code."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moefpga.hls_models import synthetic
+from moefpga.hls_models.calibrate import calibration_tokens
+from moefpga.hls_models.checkpoint import Checkpoint
+from moefpga.hls_models.fidelity import cosine
+
+
+def moefpga(*args):
+    return subprocess.run([sys.executable, "-m", "moefpga.host.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return synthetic.write_checkpoint(tmp_path_factory.mktemp("ckpt") / "m", "qwen2_moe",
+                                      num_layers=2, hidden_size=64, expert_ffn_size=64,
+                                      shared_expert_ffn_size=64)
+
+
+@pytest.fixture(scope="module")
+def tokens(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("x") / "x.npy"
+    np.save(path, calibration_tokens(64, count=24, seed=3))
+    return path
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("moefpga: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def test_info_reports_architecture_and_storage(model):
+    result = moefpga("info", "--checkpoint", model)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "qwen2_moe" in out and "8 routed, top-2" in out and "MoE layers: 0-1" in out
+    # 8 experts of 3 64x64 matrices, plus a shared one: 9 * 3 * 4096 float32 weights.
+    assert f"{9 * 3 * 4096 * 4 / 1e6:.3f} MB" in out
+    assert "int4 G=32 2:4" in out
+
+
+@pytest.mark.parametrize("options", [[], ["--quant", "int4", "--group-size", "32",
+                                          "--sparsity", "2:4"]])
+def test_run_model_backend_follows_reference(model, tokens, tmp_path, options):
+    outputs = {}
+    for backend in ("reference", "model"):
+        out = tmp_path / f"{backend}.npy"
+        result = moefpga("run", "--checkpoint", model, "--layer", 1, "--input", tokens,
+                         "--output", out, "--backend", backend, *options)
+        assert result.returncode == 0, result.stderr
+        outputs[backend] = np.load(out)
+    assert outputs["model"].dtype == np.float32 and outputs["model"].shape == (24, 64)
+    assert cosine(outputs["model"], outputs["reference"]) > 0.97
+
+
+def test_reference_run_equals_library_call(model, tokens, tmp_path):
+    from moefpga.hls_models import reference
+    from moefpga.hls_models.calibrate import prune_layer
+    from moefpga.hls_models.sparsity import parse_sparsity
+    out = tmp_path / "y.npy"
+    result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", tokens,
+                     "--output", out, "--backend", "reference", "--sparsity", "2:4")
+    assert result.returncode == 0, result.stderr
+    layer = prune_layer(Checkpoint.open(model).moe_layer(0), parse_sparsity("2:4"))
+    np.testing.assert_array_equal(np.load(out), reference.moe_layer(np.load(tokens), layer))
+
+
+def test_eval_prints_a_row_per_layer_and_setting(model):
+    result = moefpga("eval", "--checkpoint", model, "--setting", "int8",
+                     "--setting", "int4/g32/2:4", "--tokens", 64)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert [(row[0], row[1]) for row in rows] == [("0", "int8"), ("0", "int4"),
+                                                  ("1", "int8"), ("1", "int4")]
+    assert all(float(row[-3]) > 0.97 for row in rows)
+
+
+def test_run_keeps_an_existing_output_when_it_fails(model, tmp_path):
+    out = tmp_path / "y.npy"
+    out.write_bytes(b"precious")
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.full((2, 64), np.nan, np.float32))
+    result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", bad, "--output", out)
+    assert_user_error(result, "NaN or Inf in token 0")
+    assert out.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("change,fragments", [
+    (["--layer", 7], ["layer 7"]),
+    (["--sparsity", "5:4"], ["5:4"]),
+    (["--sparsity", "2:3"], ["2:3"]),
+    (["--group-size", "48"], ["group size", "48"]),
+    (["--input", "missing.npy"], ["missing.npy", "does not exist"]),
+    (["--calibration", "missing.npy"], ["calibration", "does not exist"]),
+])
+def test_run_bad_options_are_one_line_errors(model, tokens, tmp_path, change, fragments):
+    args = {"--checkpoint": model, "--layer": 0, "--input": tokens,
+            "--output": tmp_path / "y.npy"}
+    for flag, value in zip(change[::2], change[1::2], strict=True):
+        args[flag] = value
+    result = moefpga("run", *[v for pair in args.items() for v in pair])
+    assert_user_error(result, *fragments)
+
+
+def test_run_rejects_bad_input_arrays(model, tmp_path):
+    cases = {
+        "shape": (np.zeros((3, 10), np.float32), "expected (tokens, 64)"),
+        "text": (np.array([["a"] * 64]), "expected real numbers"),
+    }
+    for name, (array, fragment) in cases.items():
+        path = tmp_path / f"{name}.npy"
+        np.save(path, array)
+        result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", path,
+                         "--output", tmp_path / "y.npy")
+        assert_user_error(result, fragment)
+    garbage = tmp_path / "garbage.npy"
+    garbage.write_bytes(b"not numpy")
+    result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", garbage,
+                     "--output", tmp_path / "y.npy")
+    assert_user_error(result, "not a readable .npy")
+
+
+def test_hidden_size_that_m_does_not_divide(tmp_path):
+    model = synthetic.write_checkpoint(tmp_path / "odd", "mixtral", hidden_size=36,
+                                       num_attention_heads=4, num_key_value_heads=2)
+    x = tmp_path / "x.npy"
+    np.save(x, np.ones((2, 36), np.float32))
+    result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", x,
+                     "--output", tmp_path / "y.npy", "--sparsity", "2:8")
+    assert_user_error(result, "36", "8")
+    result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", x,
+                     "--output", tmp_path / "y.npy", "--group-size", "32")
+    assert_user_error(result, "36", "32")
+
+
+def test_bad_checkpoints_are_one_line_errors(model, tmp_path):
+    assert_user_error(moefpga("info", "--checkpoint", tmp_path / "nowhere"), "nowhere")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    config = json.loads((model / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(config | {"model_type": "llama"}))
+    assert_user_error(moefpga("info", "--checkpoint", broken), "llama")
+
+
+def test_eval_bad_options(model):
+    assert_user_error(moefpga("eval", "--checkpoint", model, "--setting", "int3"), "int3")
+    assert_user_error(moefpga("eval", "--checkpoint", model, "--layers", "x"), "--layers")
+    assert_user_error(moefpga("eval", "--checkpoint", model, "--layers", "5"), "layer 5")
+    result = moefpga("eval", "--checkpoint", model, "--tokens", "0")
+    assert result.returncode == 2 and "positive whole number" in result.stderr
+
+
+def test_run_checks_the_output_folder_before_working(model, tokens, tmp_path):
+    result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", tokens,
+                     "--output", tmp_path / "nowhere" / "y.npy")
+    assert_user_error(result, "output folder", "does not exist")
+    assert "tokens on backend" not in result.stderr
+    result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", tmp_path,
+                     "--output", tmp_path / "y.npy")
+    assert_user_error(result, "is not a file")
