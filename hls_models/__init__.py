@@ -1,1 +1,2 @@
-"""NumPy models: float reference MoE, quantization and M:N pruning, the bit-accurate integer model."""
+"""NumPy models: the float reference MoE, quantization and M:N pruning, and the bit-accurate
+integer model that is the specification of the RTL."""
