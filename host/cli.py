@@ -132,7 +132,7 @@ def cmd_info(args):
 def format_info(checkpoint):
     """The summary ``moefpga info`` prints: architecture, parameter counts and storage."""
     cfg = checkpoint.config
-    shared = (f"; shared expert of {cfg.shared_expert_ffn_size}"
+    shared = (f"; a shared expert of ffn {cfg.shared_expert_ffn_size}"
               if cfg.shared_expert_ffn_size else "")
     routed = 3 * cfg.hidden_size * cfg.expert_ffn_size * cfg.num_experts
     lines = [
