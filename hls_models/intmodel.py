@@ -119,7 +119,8 @@ def matvec(q, mant, group_size, x, acc_bits):
         acc = saturate(acc + psum * mant[r, g], acc_bits)
 
     Pruned weights are zeros in ``q`` and contribute nothing, so the dense and compressed forms
-    of a matrix give the same result.
+    of a matrix give the same result. Partial sums are computed by float64 matrix products,
+    which are exact for int8/int16 operands (every sum stays an integer below 2**53).
 
     Parameters
     ----------
@@ -138,17 +139,34 @@ def matvec(q, mant, group_size, x, acc_bits):
     -------
     ndarray of int64, shape (tokens, rows)
     """
-    q = np.asarray(q, dtype=np.int64)
-    x = np.asarray(x, dtype=np.int64)
-    rows, cols = q.shape
+    rows, cols = np.shape(q)
     groups = cols // group_size
-    psum = np.einsum("rgi,tgi->tgr", q.reshape(rows, groups, group_size),
-                     x.reshape(-1, groups, group_size))
-    scaled = psum * np.asarray(mant, dtype=np.int64).T[None]
-    acc = np.zeros((x.shape[0], rows), dtype=np.int64)
-    for g in range(groups):
-        acc = saturate(acc + scaled[:, g], acc_bits)
+    # (groups, cols-in-group, rows) and (groups, tokens, cols-in-group) for a batched matmul.
+    q_by_group = np.asarray(q, np.float64).reshape(rows, groups, group_size).transpose(1, 2, 0)
+    x_by_group = np.asarray(x, np.float64).reshape(-1, groups, group_size).transpose(1, 0, 2)
+    mant = np.asarray(mant, dtype=np.int64).T[:, None, :]
+    tokens = x_by_group.shape[1]
+    acc = np.zeros((tokens, rows), dtype=np.int64)
+    chunk = max(1, _MATVEC_CHUNK // (groups * rows))
+    for start in range(0, tokens, chunk):
+        part = slice(start, start + chunk)
+        scaled = _exact_int(np.matmul(x_by_group[:, part], q_by_group)) * mant
+        if np.abs(scaled).sum(axis=0).max() < 1 << (acc_bits - 1):
+            acc[part] = scaled.sum(axis=0)      # no running sum can reach saturation
+            continue
+        for g in range(groups):
+            acc[part] = saturate(acc[part] + scaled[g], acc_bits)
     return acc
+
+
+#: Partial sums computed at once by :func:`matvec` (elements), to bound its memory.
+_MATVEC_CHUNK = 1 << 24
+
+
+def _exact_int(products):
+    """float64 integer sums (BLAS) to int64. Exact: every partial sum is an integer below 2**53
+    (a group of G products of at most 2**30 each, G <= 2**22)."""
+    return np.rint(products).astype(np.int64)
 
 
 def expert_input(x16, exp):
