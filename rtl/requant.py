@@ -1,0 +1,109 @@
+"""Requantization of an accumulator: ``fixedpoint.requantize`` in gateware."""
+
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import bits_for
+
+from moefpga.hls_models.fixedpoint import MAX_SHIFT
+from moefpga.hls_models.fixedpoint import Multiplier as _ModelMultiplier
+
+__all__ = ["Multiplier", "saturated", "Requantizer"]
+
+
+class Multiplier(data.Struct):
+    """A static scale factor ``mult * 2**-shift`` (``fixedpoint.Multiplier``), as ports carry it.
+
+    The shift is signed 8-bit: factors from ``2**-127`` to ``2**128`` (``multiplier_for`` gives
+    shifts near 16 for the factors of a real layer).
+    """
+    mult:  unsigned(_ModelMultiplier.BITS)
+    shift: signed(8)
+
+
+def saturated(value, bits):
+    """``value`` clamped to the signed range of ``bits`` bits (an expression of that width)."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return Mux(value > hi, hi, Mux(value < lo, lo, value))[:bits].as_signed()
+
+
+class Requantizer(wiring.Component):
+    """``sat(rshift(value * mult, shift), out_bits)``, bit for bit ``fixedpoint.requantize``.
+
+    A right shift (``shift >= 0``) rounds half up: ``((2 * v) >> shift) + 1) >> 1`` with ``v =
+    value * mult``, which is ``floor((v + 2**(shift - 1)) / 2**shift)`` (and ``v`` for
+    ``shift = 0``). The amount is clamped to ``min(62, width of v)``: the model clamps at 62, and
+    a shift by the width of ``v`` or more gives 0 either way. A left shift (``shift < 0``)
+    saturates like an infinitely wide one: ``v`` is first clipped to ``[-2**out_bits,
+    2**out_bits]`` and the amount to ``out_bits``, as the model does.
+
+    A two-stage pipeline (product, then shift and saturation): an input accepted in cycle ``c``
+    is presented on ``o`` in cycle ``c + 2`` when ``o`` is not back-pressured. Both stages hold
+    while ``o`` is valid and not ready.
+
+    Parameters
+    ----------
+    value_bits : int
+        Width of the signed input value (an accumulator).
+    out_bits : int
+        Width of the signed result.
+    shift_bits : int
+        Width of the signed shift amount.
+
+    Members
+    -------
+    i : In(stream.Signature(StructLayout({"value", "mult", "shift"})))
+        ``value``: signed ``value_bits``; ``mult``: unsigned 16; ``shift``: signed ``shift_bits``.
+    o : Out(stream.Signature(signed(out_bits)))
+    """
+
+    LATENCY = 2
+
+    def __init__(self, value_bits, out_bits, shift_bits):
+        for name, bits in (("value_bits", value_bits), ("out_bits", out_bits),
+                           ("shift_bits", shift_bits)):
+            if not isinstance(bits, int) or bits < 2:
+                raise TypeError(f"{name} must be an integer of at least 2, not {bits!r}")
+        self.value_bits = value_bits
+        self.out_bits   = out_bits
+        self.shift_bits = shift_bits
+        super().__init__({
+            "i": In(stream.Signature(data.StructLayout({
+                "value": signed(value_bits),
+                "mult":  unsigned(_ModelMultiplier.BITS),
+                "shift": signed(shift_bits),
+            }))),
+            "o": Out(stream.Signature(signed(out_bits))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+
+        product_bits = self.value_bits + _ModelMultiplier.BITS
+        right_max    = min(MAX_SHIFT, product_bits)
+        shift        = self.i.payload.shift
+        product      = Signal(signed(product_bits))
+        right        = Signal()
+        amount       = Signal(range(max(right_max, self.out_bits) + 1))
+        staged       = Signal()
+
+        advance = ~self.o.valid | self.o.ready
+        m.d.comb += self.i.ready.eq(advance)
+        with m.If(advance):
+            m.d.sync += [
+                staged.eq(self.i.valid),
+                product.eq(self.i.payload.value * self.i.payload.mult),
+                right.eq(shift >= 0),
+                amount.eq(Mux(shift >= 0, Mux(shift > right_max, right_max, shift),
+                              Mux(-shift > self.out_bits, self.out_bits, -shift))),
+            ]
+
+            rounded = ((((product << 1) >> amount) + 1) >> 1)
+            bound   = 1 << self.out_bits
+            clipped = Mux(product > bound, bound, Mux(product < -bound, -bound, product))
+            widened = clipped[:self.out_bits + 2].as_signed() << amount[:bits_for(self.out_bits)]
+            m.d.sync += [
+                self.o.valid.eq(staged),
+                self.o.payload.eq(saturated(Mux(right, rounded, widened), self.out_bits)),
+            ]
+        return m
