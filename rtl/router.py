@@ -236,6 +236,19 @@ class Router(wiring.Component):
             members["shared"]    = Out(stream.Signature(unsigned(_WEIGHT_BITS)))
         super().__init__(members)
 
+    def latency(self, normalize):
+        """Cycles from the first value of a token accepted to its last output taken, when no
+        stream stalls; the next token's first value is accepted one cycle later.
+
+        ``ceil(rows / macs) * (hidden + 1) + rows`` to accumulate and requantize the logits,
+        ``k + gate + (0 if normalize else experts)`` exp evaluations, 18 cycles per division
+        (``k + gate`` of them) and 6 cycles of pipeline latency (docs/router.md).
+        """
+        outputs = self.top_k + self.shared_gate
+        return (self.groups * (self.hidden + 1) + self.rows
+                + outputs + (0 if normalize else self.experts)
+                + (_WEIGHT_BITS + 2) * outputs + 6)
+
     def elaborate(self, platform):
         m = Module()
 
