@@ -37,9 +37,9 @@ _PARAMS_ENV = "MOEFPGA_SIM_PARAMS"
 _REPORT_ENV = "MOEFPGA_SIM_REPORT"
 
 # Amaranth's Verilog trips Verilator's width and style lints; they are not design errors here.
-# A design large enough for Verilator to split its C++ builds with precompiled headers, and the
-# wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I (GCC's "-include") empty, so the compiler gets
-# the header as an input file and fails; one unsplit C++ file avoids precompiled headers.
+# Verilator splits the C++ of a large design and compiles the parts with a precompiled header;
+# the wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I (GCC's "-include") empty, so the compiler
+# takes the header for an input file and fails. Unsplit C++ needs no precompiled header.
 _VERILATOR_ARGS = ["-Wno-fatal", "-Wno-lint", "-Wno-style", "--output-split", "0"]
 
 CLOCK_NS = 10
