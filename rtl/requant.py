@@ -8,7 +8,10 @@ from amaranth.utils import bits_for
 from moefpga.hls_models.fixedpoint import MAX_SHIFT
 from moefpga.hls_models.fixedpoint import Multiplier as _ModelMultiplier
 
-__all__ = ["Multiplier", "saturated", "Requantizer"]
+__all__ = ["SHIFT_BITS", "Multiplier", "saturated", "Requantizer"]
+
+#: Width of a multiplier's signed shift on the ports.
+SHIFT_BITS = 8
 
 
 class Multiplier(data.Struct):
@@ -18,7 +21,7 @@ class Multiplier(data.Struct):
     shifts near 16 for the factors of a real layer).
     """
     mult:  unsigned(_ModelMultiplier.BITS)
-    shift: signed(8)
+    shift: signed(SHIFT_BITS)
 
 
 def saturated(value, bits):

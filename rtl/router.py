@@ -22,7 +22,7 @@ from moefpga.hls_models.intmodel import (
 )
 
 from .divider import Divider
-from .requant import Multiplier, Requantizer
+from .requant import SHIFT_BITS, Multiplier, Requantizer
 
 __all__ = ["TokenBeat", "Pick", "ExpUnit", "TopK", "Router"]
 
@@ -31,6 +31,8 @@ _EXP_Q8_SHIFT = 14 + LOGIT_FRAC_BITS - 8
 #: Q1.15 routing weights and exp() values: 1.0 is ``_ONE``.
 _ONE = 1 << PROB_FRAC_BITS
 _WEIGHT_BITS = PROB_FRAC_BITS + 1
+#: Width of a token's signed power-of-two exponent.
+_EXP_BITS = 8
 
 
 class TokenBeat(data.Struct):
@@ -40,7 +42,7 @@ class TokenBeat(data.Struct):
     a token carries it and the router reads it with the first.
     """
     value: signed(TOKEN_BITS)
-    exp:   signed(8)
+    exp:   signed(_EXP_BITS)
 
 
 class Pick(data.Struct):
@@ -255,7 +257,8 @@ class Router(wiring.Component):
         d, macs, rows, experts, k = self.hidden, self.macs, self.rows, self.experts, self.top_k
         gate = int(self.shared_gate)
 
-        m.submodules.requant = requant = Requantizer(self.acc_bits, LOGIT_BITS, 9)
+        shift_bits = max(SHIFT_BITS, _EXP_BITS) + 1      # the multiplier's shift minus exp
+        m.submodules.requant = requant = Requantizer(self.acc_bits, LOGIT_BITS, shift_bits)
         m.submodules.topk    = topk    = TopK(k, ceil_log2(experts))
         m.submodules.exp     = exp     = ExpUnit()
         den_bits = bits_for(experts * _ONE)
@@ -274,7 +277,7 @@ class Router(wiring.Component):
         group = Signal(range(self.groups))
         lane  = Signal(range(macs))               # row within the group (load, drain)
         row   = Signal(range(rows))               # weight row (load, drain)
-        exp_t = Signal(signed(8))
+        exp_t = Signal(signed(_EXP_BITS))
         x     = Signal(signed(TOKEN_BITS))
         accs  = [Signal(signed(self.acc_bits), name=f"acc{j}") for j in range(macs)]
         mac   = Signal()
@@ -317,8 +320,7 @@ class Router(wiring.Component):
 
         mult = self.router_mult
         if gate:
-            mult = Mux(row == experts, self.gate_mult.as_value(), mult.as_value())
-            mult = Multiplier(mult)
+            mult = Multiplier(Mux(row == experts, self.gate_mult.as_value(), mult.as_value()))
         m.d.comb += [
             requant.i.payload.value.eq(accs[0]),
             requant.i.payload.mult.eq(mult.mult),
