@@ -19,8 +19,8 @@ __all__ = [
     "TOKEN_BITS", "ACT_BITS", "ROUTER_ACC_BITS", "LOGIT_BITS", "LOGIT_FRAC_BITS",
     "PROB_FRAC_BITS", "UP_BITS", "OUT_BITS", "EXP2_TABLE", "LOG2E_Q14",
     "IntExpert", "IntLayer",
-    "matvec", "expert_input", "router_logits", "exp_neg", "softmax_topk", "sigmoid",
-    "expert_ffn", "combine", "moe_layer",
+    "matvec", "expert_input", "router_logits", "shared_gate_logit", "exp_neg", "softmax_topk",
+    "sigmoid", "expert_ffn", "combine", "moe_layer",
 ]
 
 TOKEN_BITS      = 16    # tokens as the host sends them, read by the router
@@ -188,6 +188,11 @@ def router_logits(x16, exp, layer):
     return _logits(layer.router, x16, exp, layer.router_mult)
 
 
+def shared_gate_logit(x16, exp, layer):
+    """Q12 logit (tokens,) of the shared expert's sigmoid gate; the layer must have the gate."""
+    return _logits(layer.shared_gate, x16, exp, layer.shared_gate_mult)[:, 0]
+
+
 def exp_neg(a):
     """``exp(-a / 4096)`` in Q15 for Q12 ``a >= 0``, as the hardware computes it.
 
@@ -298,7 +303,6 @@ def moe_layer(x16, exp, layer, return_routing=False):
         if layer.shared_gate is None:
             shared_weight[:] = 1 << PROB_FRAC_BITS
         else:
-            shared_weight[:, 0] = sigmoid(
-                _logits(layer.shared_gate, x16, exp16, layer.shared_gate_mult)[:, 0])
+            shared_weight[:, 0] = sigmoid(shared_gate_logit(x16, exp16, layer))
     out = combine(np.concatenate([weights, shared_weight], axis=1), outputs)
     return (out, picks, weights) if return_routing else out

@@ -17,7 +17,13 @@ from harness import beat, params, report, run, start, stream_sink, stream_source
 
 from moefpga.hls_models.fixedpoint import Multiplier as ModelMultiplier
 from moefpga.hls_models.fixedpoint import multiplier_for
-from moefpga.hls_models.intmodel import LOGIT_FRAC_BITS, router_logits, sigmoid, softmax_topk
+from moefpga.hls_models.intmodel import (
+    LOGIT_FRAC_BITS,
+    router_logits,
+    shared_gate_logit,
+    sigmoid,
+    softmax_topk,
+)
 from moefpga.hls_models.quant import quantize_activations
 from moefpga.rtl.requant import Multiplier
 from moefpga.rtl.router import Pick, Router, TokenBeat
@@ -71,8 +77,8 @@ def _reference(weights, mult, gate_mult, x16, exps, top_k, normalize, gate):
     picks, probs = softmax_topk(router_logits(x16, exps, layer), top_k, normalize)
     if not gate:
         return picks, probs, None
-    gate_layer = SimpleNamespace(router=weights[experts:], router_mult=gate_mult)
-    return picks, probs, sigmoid(router_logits(x16, exps, gate_layer)[:, 0])
+    gate_layer = SimpleNamespace(shared_gate=weights[experts], shared_gate_mult=gate_mult)
+    return picks, probs, sigmoid(shared_gate_logit(x16, exps, gate_layer))
 
 
 def _tokens(rng, count, hidden, spread=3):
