@@ -174,9 +174,10 @@ class SparseMatmulParams:
         """The weight beats of ``q`` (rows x cols, pruned weights zero) and ``mant``.
 
         Order: row blocks of ``lanes`` rows; in each, the column groups of ``m`` columns; in each
-        beat, for every lane, the ``n`` kept weights of its row in column order with their
-        positions, zero-valued entries filling a group with fewer than ``n`` non-zeros. The
-        lane's mantissa rides on the last beat of each quantization group and is 0 elsewhere.
+        beat, for every lane, the ``n`` kept weights of its row with their positions, in
+        ascending position; a group with fewer than ``n`` non-zeros fills the free entries with
+        its lowest-index zero columns (the canonical form of docs/formats.md). The lane's
+        mantissa rides on the last beat of each quantization group and is 0 elsewhere.
 
         Raises
         ------
@@ -205,7 +206,7 @@ class SparseMatmulParams:
         if N == M:
             pos = np.broadcast_to(np.arange(M), groups.shape)
         else:
-            pos = np.argsort(groups == 0, axis=-1, kind="stable")[..., :N]
+            pos = np.sort(np.argsort(groups == 0, axis=-1, kind="stable")[..., :N], axis=-1)
         values = np.take_along_axis(groups, pos, axis=-1).reshape(-1, P, N)
         pos = pos.reshape(-1, P, N)
         last_beat = (np.arange(cols // M) % K == K - 1)[None, :, None]
