@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .errors import MoefpgaError
 from .fixedpoint import multiplier_for
 from .intmodel import LOGIT_FRAC_BITS, OUT_BITS, UP_BITS, IntExpert, IntLayer
 from .quant import MANT_BITS, dequantize_activations, quantize_activations, quantize_weights
@@ -19,7 +20,7 @@ from .sparsity import DENSE, Sparsity, prune
 
 __all__ = [
     "QuantSpec", "ROUTER_BITS", "HEADROOM", "UP_HEADROOM", "OUT_HEADROOM_BITS",
-    "prune_layer", "calibration_tokens", "quantize_layer",
+    "prune_layer", "calibration_tokens", "max_inputs", "quantize_layer",
 ]
 
 ROUTER_BITS       = 16    # router and shared-gate weights, one scale per tensor
@@ -127,6 +128,31 @@ def _quantize_expert(ew, spec, x):
     return expert, hidden_step, float(np.abs(y).max())
 
 
+#: Largest magnitude of one input's contribution to an expert accumulator: int8 x int8 x mant.
+_MAX_TERM = (1 << 7) * (1 << 7) * (1 << 8)
+
+
+def max_inputs(acc_bits):
+    """The most inputs per row for which no ``acc_bits`` accumulator can saturate.
+
+    Every accepted shape stays below it, so saturation never happens and the order in which the
+    hardware accumulates groups cannot change a result.
+    """
+    return ((1 << (acc_bits - 1)) - 1) // _MAX_TERM
+
+
+def _check_accumulator(weights, acc_bits):
+    limit = max_inputs(acc_bits)
+    shapes = [("hidden size", weights.router.shape[1]),
+              ("expert ffn size", weights.experts[0].down.shape[1])]
+    if weights.shared is not None:
+        shapes.append(("shared expert ffn size", weights.shared.down.shape[1]))
+    for name, cols in shapes:
+        if cols > limit:
+            raise MoefpgaError(f"{name} {cols} is too large for {acc_bits}-bit accumulators: "
+                               f"at most {limit} inputs per row")
+
+
 def quantize_layer(weights, spec, calibration):
     """The :class:`IntLayer` of a float layer under ``spec``, calibrated on float tokens.
 
@@ -138,6 +164,7 @@ def quantize_layer(weights, spec, calibration):
     calibration : ndarray of float32, shape (tokens, hidden)
         Tokens whose intermediate values set the static scales.
     """
+    _check_accumulator(weights, spec.acc_bits)
     xq, exp = quantize_activations(calibration)
     x = dequantize_activations(xq, exp).astype(np.float64)
     router, router_scale = _quantize_tensor(weights.router)

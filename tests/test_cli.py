@@ -170,3 +170,14 @@ def test_run_checks_the_output_folder_before_working(model, tokens, tmp_path):
     result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", tmp_path,
                      "--output", tmp_path / "y.npy")
     assert_user_error(result, "is not a file")
+
+
+def test_shape_too_large_for_the_accumulators(model, tokens):
+    from moefpga.hls_models.calibrate import QuantSpec, max_inputs, quantize_layer
+    from moefpga.hls_models.errors import MoefpgaError
+    assert max_inputs(40) == 131071
+    assert max_inputs(24) == 1
+    layer = Checkpoint.open(model).moe_layer(0)
+    with pytest.raises(MoefpgaError, match="hidden size 64 is too large for 28-bit accumulators: "
+                                           "at most 31 inputs per row"):
+        quantize_layer(layer, QuantSpec(acc_bits=28), np.load(tokens))
