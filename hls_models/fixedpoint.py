@@ -10,7 +10,7 @@ import numpy as np
 
 __all__ = ["MAX_SHIFT", "saturate", "round_shift", "requantize", "Multiplier", "multiplier_for"]
 
-#: Right shifts are clamped here; no value of the datapath reaches 2**56 in magnitude.
+#: Right shifts are clamped here; no value of the datapath reaches 2**61 in magnitude.
 MAX_SHIFT = 62
 
 
@@ -24,7 +24,7 @@ def round_shift(value, shift):
     """``value * 2**-shift`` rounded half up (toward +inf), for ``shift >= 0``.
 
     This is the one rounding rule of the datapath: add half an output LSB, then shift right
-    arithmetically (``floor``). Values stay below 2**56 in magnitude, so every shift of 62 or
+    arithmetically (``floor``). Values stay below 2**61 in magnitude, so every shift of 62 or
     more gives 0, and the shift is clamped there.
     """
     if shift < 0:
@@ -40,16 +40,15 @@ def requantize(acc, mult, shift, bits):
 
     A right shift rounds half up (:func:`round_shift`). A negative ``shift`` is a left shift that
     saturates as an infinitely wide one would: any nonzero value that leaves the range saturates.
-    ``acc * mult`` must fit in 63 bits (the widths in docs/numerics.md guarantee it).
+    ``|acc * mult|`` must stay below 2**61 (the widths in docs/numerics.md guarantee it).
     """
     value = acc * mult
     if shift >= 0:
         return saturate(round_shift(value, shift), bits)
-    left = min(-shift, bits)
-    bound = 1 << bits
-    clipped = np.clip(value, -bound, bound) if isinstance(value, np.ndarray) \
-        else max(-bound, min(bound, value))
-    return saturate(clipped << left, bits)
+    # Clipping to +-2**(bits-1) and shifting at most bits-1 places saturates exactly as the
+    # infinitely wide shift does, and stays within 2**(2*bits - 2) <= 2**62.
+    left = min(-shift, bits - 1)
+    return saturate(saturate(value, bits) << left, bits)
 
 
 class Multiplier:

@@ -20,7 +20,7 @@ __all__ = [
     "PROB_FRAC_BITS", "UP_BITS", "OUT_BITS", "EXP2_TABLE", "LOG2E_Q14",
     "IntExpert", "IntLayer",
     "matvec", "expert_input", "router_logits", "shared_gate_logit", "exp_neg", "softmax_topk",
-    "sigmoid", "expert_ffn", "combine", "moe_layer",
+    "sigmoid", "expert_ffn", "RAIL_STAGES", "combine", "moe_layer",
 ]
 
 TOKEN_BITS      = 16    # tokens as the host sends them, read by the router
@@ -131,7 +131,7 @@ def matvec(q, mant, group_size, x, acc_bits):
     group_size : int
         Columns per quantization group; divides ``cols``.
     x : ndarray of int, shape (tokens, cols)
-        Activations, int8 range.
+        Activations: int8 for the experts, int16 tokens for the router.
     acc_bits : int
         Width of the signed accumulator.
 
@@ -237,19 +237,34 @@ def sigmoid(logit):
     return num // ((1 << PROB_FRAC_BITS) + e)
 
 
-def expert_ffn(xq, exp, expert, acc_bits):
+def expert_ffn(xq, exp, expert, acc_bits, rails=None):
     """One SwiGLU expert on int8 tokens: ``down(silu(gate x) * up x)`` in the output's int32 unit.
 
     1. ``g = saturate(gate_acc * gate_mult * 2**exp, 8)``; ``s = silu_table[g + 128]`` (int8).
     2. ``u = saturate(up_acc * up_mult * 2**exp, 16)``.
     3. ``h = saturate(s * u * hidden_mult, 8)``.
     4. ``y = saturate(down_acc(h) * down_mult, 32)``.
+
+    ``rails``, a :class:`collections.Counter` if given, counts per stage the values that sit at
+    the limit of their width (the sign of saturation; see :data:`RAIL_STAGES`) and the values
+    computed. It is a diagnostic and changes nothing.
     """
     g = expert.gate_mult.apply(_project(expert.gate, xq, acc_bits), ACT_BITS, exp)
     u = expert.up_mult.apply(_project(expert.up, xq, acc_bits), UP_BITS, exp)
     s = expert.silu_table[g + (1 << (ACT_BITS - 1))]
     h = expert.hidden_mult.apply(s * u, ACT_BITS)
-    return expert.down_mult.apply(_project(expert.down, h, acc_bits), OUT_BITS)
+    y = expert.down_mult.apply(_project(expert.down, h, acc_bits), OUT_BITS)
+    if rails is not None:
+        for stage, values, bits in zip(RAIL_STAGES, (g, u, h, y),
+                                       (ACT_BITS, UP_BITS, ACT_BITS, OUT_BITS), strict=True):
+            limit = 1 << (bits - 1)
+            rails[stage] += int(np.count_nonzero((values >= limit - 1) | (values <= -limit)))
+            rails[stage, "values"] += values.size
+    return y
+
+
+#: The requantized stages of :func:`expert_ffn`, as its ``rails`` counter names them.
+RAIL_STAGES = ("SiLU input", "up projection", "hidden activation", "expert output")
 
 
 def _project(qm, x, acc_bits):
@@ -268,7 +283,7 @@ def combine(weights, outputs):
     return saturate(round_shift(acc, PROB_FRAC_BITS), OUT_BITS)
 
 
-def moe_layer(x16, exp, layer, return_routing=False):
+def moe_layer(x16, exp, layer, return_routing=False, rails=None):
     """A whole MoE layer on a batch of tokens: route, run each picked expert on its tokens,
     add the shared expert, combine.
 
@@ -280,6 +295,8 @@ def moe_layer(x16, exp, layer, return_routing=False):
     layer : IntLayer
     return_routing : bool
         Also return the picks and their Q1.15 weights.
+    rails : collections.Counter, optional
+        Passed to :func:`expert_ffn` for every expert run.
 
     Returns
     -------
@@ -296,10 +313,10 @@ def moe_layer(x16, exp, layer, return_routing=False):
     for index in np.unique(picks):
         token, slot = np.nonzero(picks == index)
         outputs[token, slot] = expert_ffn(xq[token], exp[token], layer.experts[index],
-                                          layer.acc_bits)
+                                          layer.acc_bits, rails)
     shared_weight = np.zeros((tokens, 1), dtype=np.int64)
     if layer.shared is not None:
-        outputs[:, -1] = expert_ffn(xq, exp, layer.shared, layer.acc_bits)
+        outputs[:, -1] = expert_ffn(xq, exp, layer.shared, layer.acc_bits, rails)
         if layer.shared_gate is None:
             shared_weight[:] = 1 << PROB_FRAC_BITS
         else:

@@ -123,6 +123,12 @@ def test_requantize_saturates_both_ways_and_on_left_shifts():
     assert requantize(3, 5, -2, 8) == 60
     values = np.array([1, -1, 0, 2])
     assert requantize(values, 3, -70, 8).tolist() == [127, -128, 0, 127]
+    for bits in (8, 16, 20, 32):
+        for v in (1, -1, 1 << 16, -(1 << 16), 5):
+            for left in (1, 7, bits - 1, bits, 32, 70):
+                want = spec_sat(v * 3 * 2 ** left, bits)
+                assert requantize(v, 3, -left, bits) == want
+                assert requantize(np.array([v]), 3, -left, bits).tolist() == [want]
 
 
 def test_saturate_matches_spec_at_the_edges():
