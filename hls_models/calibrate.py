@@ -15,12 +15,19 @@ import numpy as np
 from .errors import MoefpgaError
 from .fixedpoint import multiplier_for
 from .intmodel import LOGIT_FRAC_BITS, OUT_BITS, UP_BITS, IntExpert, IntLayer
-from .quant import MANT_BITS, dequantize_activations, quantize_activations, quantize_weights
-from .sparsity import DENSE, Sparsity, prune
+from .quant import (
+    MANT_BITS,
+    dequantize_activations,
+    quantize_activations,
+    quantize_weights,
+    resolve_group_size,
+)
+from .sparsity import DENSE, Sparsity, check_width, prune
 
 __all__ = [
     "QuantSpec", "ROUTER_BITS", "HEADROOM", "UP_HEADROOM", "OUT_HEADROOM_BITS",
-    "prune_layer", "calibration_tokens", "max_inputs", "quantize_layer",
+    "ROUTER_MAX_HIDDEN", "prune_layer", "calibration_tokens", "max_inputs", "check_shapes",
+    "quantize_layer",
 ]
 
 ROUTER_BITS       = 16    # router and shared-gate weights, one scale per tensor
@@ -141,16 +148,27 @@ def max_inputs(acc_bits):
     return ((1 << (acc_bits - 1)) - 1) // _MAX_TERM
 
 
-def _check_accumulator(weights, acc_bits):
-    limit = max_inputs(acc_bits)
-    shapes = [("hidden size", weights.router.shape[1]),
-              ("expert ffn size", weights.experts[0].down.shape[1])]
+#: Router rows (int16 x int16 products) stay below 2**61 after the 16-bit multiplier.
+ROUTER_MAX_HIDDEN = (1 << 15) - 1
+
+
+def check_shapes(weights, spec):
+    """Refuse a layer whose shapes ``spec`` or the hardware cannot take, naming the dimension:
+    a width that M or G does not divide, or one that could saturate an accumulator."""
+    hidden = weights.router.shape[1]
+    if hidden > ROUTER_MAX_HIDDEN:
+        raise MoefpgaError(f"hidden size {hidden} is too large for the router: at most "
+                           f"{ROUTER_MAX_HIDDEN}")
+    limit = max_inputs(spec.acc_bits)
+    widths = [("hidden size", hidden), ("expert ffn size", weights.experts[0].down.shape[1])]
     if weights.shared is not None:
-        shapes.append(("shared expert ffn size", weights.shared.down.shape[1]))
-    for name, cols in shapes:
+        widths.append(("shared expert ffn size", weights.shared.down.shape[1]))
+    for name, cols in widths:
+        check_width(cols, spec.sparsity, name)
+        resolve_group_size(cols, spec.group_size, name)
         if cols > limit:
-            raise MoefpgaError(f"{name} {cols} is too large for {acc_bits}-bit accumulators: "
-                               f"at most {limit} inputs per row")
+            raise MoefpgaError(f"{name} {cols} is too large for {spec.acc_bits}-bit "
+                               f"accumulators: at most {limit} inputs per row")
 
 
 def quantize_layer(weights, spec, calibration):
@@ -164,7 +182,7 @@ def quantize_layer(weights, spec, calibration):
     calibration : ndarray of float32, shape (tokens, hidden)
         Tokens whose intermediate values set the static scales.
     """
-    _check_accumulator(weights, spec.acc_bits)
+    check_shapes(weights, spec)
     xq, exp = quantize_activations(calibration)
     x = dequantize_activations(xq, exp).astype(np.float64)
     router, router_scale = _quantize_tensor(weights.router)

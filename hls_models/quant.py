@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from moefpga.hls_models.errors import MoefpgaError
+from moefpga.hls_models.intmodel import TOKEN_BITS
 from moefpga.hls_models.sparsity import (
     DENSE,
     Sparsity,
+    check_weight_bits,
     check_width,
     compress,
     packed_positions_nbytes,
@@ -46,8 +48,7 @@ QMAX = {8: 127, 4: 7}
 MANT_BITS = 8
 GROUP_SIZES = (32, 64, 128)
 #: Largest activation code per width: int8 activations, int16 tokens (what the host sends).
-ACT_QMAX = {8: 127, 16: 32767}
-TOKEN_BITS = 16
+ACT_QMAX = {8: 127, TOKEN_BITS: 32767}
 EXP_MIN, EXP_MAX = -64, 63
 
 _MANT_ONE = 1 << MANT_BITS
@@ -58,12 +59,7 @@ def round_half_even(x):
     return np.rint(x)
 
 
-def _check_bits(bits):
-    if bits not in QMAX:
-        raise MoefpgaError(f"weight bits must be 4 or 8, not {bits!r}")
-
-
-def resolve_group_size(cols, group_size):
+def resolve_group_size(cols, group_size, name="input width"):
     """Return the scale group size ``G`` for a matrix of ``cols`` input columns.
 
     Parameters
@@ -71,6 +67,8 @@ def resolve_group_size(cols, group_size):
     cols : int
     group_size : {32, 64, 128} or None
         None means one scale per output channel (``G = cols``).
+    name : str
+        What ``cols`` is, for the message (e.g. "hidden size").
 
     Returns
     -------
@@ -93,7 +91,7 @@ def resolve_group_size(cols, group_size):
     if group_size not in GROUP_SIZES:
         raise MoefpgaError(f"group size {group_size!r} is not one of {GROUP_SIZES} or None")
     if cols % group_size:
-        raise MoefpgaError(f"group size {group_size} does not divide the {cols} input columns")
+        raise MoefpgaError(f"group size {group_size} does not divide the {name} {cols}")
     return group_size
 
 
@@ -115,7 +113,7 @@ def packed_matrix_nbytes(rows, cols, bits, group_size, sparsity):
         For bad ``bits`` or ``group_size``, ``cols`` not a multiple of M, or ``G`` not dividing
         ``cols``.
     """
-    _check_bits(bits)
+    check_weight_bits(bits)
     check_width(cols, sparsity)
     return _stored_nbytes(rows, cols, bits, resolve_group_size(cols, group_size), sparsity)
 
@@ -170,7 +168,7 @@ def quantize_weights(w, bits, group_size=None, sparsity=DENSE):
         For bad ``bits`` or ``group_size``, a non-finite weight, ``cols`` not a multiple of M,
         or ``G`` not dividing ``cols``.
     """
-    _check_bits(bits)
+    check_weight_bits(bits)
     pruned = prune(w, sparsity).astype(np.float64)
     rows, cols = pruned.shape
     g = resolve_group_size(cols, group_size)
@@ -214,7 +212,7 @@ class QuantizedMatrix:
     sparsity: Sparsity
 
     def __post_init__(self):
-        _check_bits(self.bits)
+        check_weight_bits(self.bits)
         if self.q.ndim != 2 or self.q.dtype != np.int8 or self.cols % self.group_size:
             raise MoefpgaError(
                 f"quantized codes of shape {self.q.shape} and dtype {self.q.dtype} do not fit "

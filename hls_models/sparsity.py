@@ -20,6 +20,7 @@ __all__ = [
     "DENSE",
     "CompressedMN",
     "Sparsity",
+    "check_weight_bits",
     "check_width",
     "compress",
     "decompress",
@@ -114,10 +115,13 @@ def parse_sparsity(text):
     return Sparsity(m=m, n=n)
 
 
-def check_width(cols, sp):
-    """Raise :class:`MoefpgaError` unless a matrix of ``cols`` input columns fits ``sp``."""
+def check_width(cols, sp, name="input width"):
+    """Raise :class:`MoefpgaError` unless a matrix of ``cols`` input columns fits ``sp``.
+
+    ``name`` says what ``cols`` is in the message (e.g. "hidden size").
+    """
     if cols % sp.m:
-        raise MoefpgaError(f"hidden size {cols} is not a multiple of M={sp.m} (sparsity {sp})")
+        raise MoefpgaError(f"{name} {cols} is not a multiple of M={sp.m} (sparsity {sp})")
 
 
 def _check_matrix(w, sp, what):
@@ -271,14 +275,15 @@ def decompress(c):
     return groups.reshape(c.rows, c.cols)
 
 
-def _check_bits(bits):
+def check_weight_bits(bits):
+    """Raise :class:`MoefpgaError` unless ``bits`` is a weight width the hardware takes (8, 4)."""
     if bits not in VALUE_RANGES:
         raise MoefpgaError(f"weight bits must be 4 or 8, not {bits!r}")
 
 
 def packed_values_nbytes(count, bits):
     """Bytes that :func:`pack_values` produces for ``count`` values of ``bits`` bits."""
-    _check_bits(bits)
+    check_weight_bits(bits)
     return count if bits == 8 else (count + 1) // 2
 
 
@@ -303,7 +308,7 @@ def pack_values(values, bits):
     MoefpgaError
         If ``bits`` is not 4 or 8, or a value is outside the signed range of ``bits`` bits.
     """
-    _check_bits(bits)
+    check_weight_bits(bits)
     flat = np.asarray(values).reshape(-1).astype(np.int64)
     low, high = VALUE_RANGES[bits]
     if flat.size and (flat.min() < low or flat.max() > high):

@@ -143,8 +143,8 @@ def test_rounding_is_half_to_even():
     [
         ({"bits": 3}, "weight bits must be 4 or 8, not 3"),
         ({"group_size": 48}, "group size 48 is not one of"),
-        ({"group_size": 128}, "group size 128 does not divide the 96 input columns"),
-        ({"sparsity": Sparsity(16, 1), "shape": (2, 40)}, "hidden size 40 .* M=16"),
+        ({"group_size": 128}, "group size 128 does not divide the input width 96"),
+        ({"sparsity": Sparsity(16, 1), "shape": (2, 40)}, "input width 40 .* M=16"),
     ],
 )
 def test_bad_weight_arguments_are_refused(kwargs, message):
@@ -157,8 +157,8 @@ def test_bad_weight_arguments_are_refused(kwargs, message):
 @pytest.mark.parametrize(
     "args, message",
     [
-        ((2, 40, 8, None, Sparsity(16, 4)), "hidden size 40 is not a multiple of M=16"),
-        ((2, 96, 8, 64, DENSE), "group size 64 does not divide the 96 input columns"),
+        ((2, 40, 8, None, Sparsity(16, 4)), "input width 40 is not a multiple of M=16"),
+        ((2, 96, 8, 64, DENSE), "group size 64 does not divide the input width 96"),
         ((2, 96, 5, None, DENSE), "weight bits must be 4 or 8"),
     ],
 )

@@ -125,7 +125,7 @@ def test_prune_dense_is_a_float32_copy():
 
 def test_prune_rejects_a_width_that_is_not_a_multiple_of_m():
     with pytest.raises(
-        MoefpgaError, match=r"^hidden size 100 is not a multiple of M=8 \(sparsity 2:8\)$"
+        MoefpgaError, match=r"^input width 100 is not a multiple of M=8 \(sparsity 2:8\)$"
     ):
         prune(np.ones((2, 100)), parse_sparsity("2:8"))
 
