@@ -306,6 +306,10 @@ class Checkpoint:
         if array.shape != shape:
             raise MoefpgaError(f"{self.path}: tensor '{name}' has shape {list(array.shape)}, "
                                f"expected {list(shape)} ({dims} from config.json)")
+        if not np.isfinite(array).all():
+            where = tuple(int(i) for i in np.argwhere(~np.isfinite(array))[0])
+            raise MoefpgaError(f"{self.path}: tensor '{name}' holds NaN or Inf (first at "
+                               f"{list(where)})")
         return array
 
 

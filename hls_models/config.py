@@ -235,14 +235,18 @@ class _Keys:
 
 
 def _num_experts(keys: _Keys, family: str) -> int:
-    """Mixtral names its expert count ``num_local_experts``; ``num_experts`` is its alias."""
-    if family != "mixtral":
-        return keys.integer("num_experts")
+    """The routed expert count, under either of its names.
+
+    Mixtral names it ``num_local_experts``, the other families ``num_experts``; current
+    transformers releases write ``num_local_experts`` for Qwen3-MoE as well, so every family
+    accepts both (they must agree when both are given).
+    """
     names = [name for name in ("num_local_experts", "num_experts")
              if keys.get(name, None) is not None]
     if not names:
-        raise MoefpgaError(f"{keys.where}: missing required key 'num_local_experts' "
-                           f"(or 'num_experts')")
+        primary, alias = (("num_local_experts", "num_experts") if family == "mixtral"
+                          else ("num_experts", "num_local_experts"))
+        raise MoefpgaError(f"{keys.where}: missing required key '{primary}' (or '{alias}')")
     counts = {keys.integer(name) for name in names}
     if len(counts) > 1:
         raise MoefpgaError(f"{keys.where}: 'num_local_experts' and 'num_experts' disagree "

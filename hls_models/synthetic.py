@@ -114,7 +114,11 @@ def write_checkpoint(path: str | Path, family: str, *, num_layers: int = 2,
     tensors = _tensors(family, dims, np.random.default_rng(seed))
     if shards > len(tensors):
         raise MoefpgaError(f"shards={shards} exceeds the {len(tensors)} tensors of the model")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MoefpgaError(f"{path}: cannot create the checkpoint folder ({exc.strerror})") \
+            from None
     if any(path.glob("*.safetensors")) or (path / "config.json").exists():
         raise MoefpgaError(f"{path}: already holds a checkpoint; choose an empty folder")
     _write_shards(path, tensors, shards, dtype)
@@ -131,8 +135,12 @@ def ensure_default_model(path: str | Path) -> Path:
     path = Path(path)
     if (path / "config.json").exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as exc:
+        raise MoefpgaError(f"{path}: cannot create the default model there "
+                           f"({exc.strerror})") from None
     try:
         write_checkpoint(staging, **DEFAULT_MODEL)
         os.replace(staging, path)
@@ -198,6 +206,8 @@ def _config(family: str, style: str, dtype: str, dims: dict, top_k: int,
     if family == "qwen2_moe":
         config["shared_expert_intermediate_size"] = dims["shared"]
     config |= _style_keys(family, style, dtype, dims)
+    if "num_local_experts" in config and family != "mixtral":
+        del config["num_experts"]
     return config
 
 
@@ -211,6 +221,8 @@ def _style_keys(family: str, style: str, dtype: str, dims: dict) -> dict:
         return keys
     keys = {"rope_parameters": {"rope_type": "default", "rope_theta": _ROPE_THETA},
             "dtype": dtype}
+    if family == "qwen3_moe":       # transformers 5 writes Qwen3MoeConfig's count this way
+        keys["num_local_experts"] = dims["experts"]
     if family == "mixtral":
         keys["head_dim"] = None if derived else dims["head_dim"]
     elif family == "qwen3_moe" or not derived:

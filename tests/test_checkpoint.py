@@ -307,6 +307,19 @@ def test_wrong_shape(tmp_path, family, name, shape, message):
         ckpt.norm_weight(layer) if "layernorm" in name else ckpt.moe_layer(layer)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad):
+    path = small(tmp_path, "mixtral")
+    name = "model.layers.1.block_sparse_moe.experts.3.w3.weight"
+    def poison(tensors):
+        tensors[name] = tensors[name].copy()
+        tensors[name][2, 5] = bad
+    rewrite_shard(path / "model.safetensors", poison)
+    with pytest.raises(MoefpgaError, match=rf"tensor '{name}' holds NaN or Inf \(first at "
+                                           r"\[2, 5\]\)"):
+        Checkpoint.open(path).moe_layer(1)
+
+
 def test_unknown_model_type(tmp_path):
     path = small(tmp_path, "olmoe")
     config = json.loads((path / "config.json").read_text())

@@ -43,11 +43,14 @@ QWEN3_30B_A3B = {
 
 
 def current_style(raw):
-    """The same config as transformers 5 writes it: rope_parameters and dtype."""
+    """The same config as transformers 5 writes it: rope_parameters and dtype, and Qwen3-MoE's
+    expert count as num_local_experts (as transformers 5.23's Qwen3MoeConfig saves it)."""
     raw = dict(raw)
     theta = raw.pop("rope_theta")
     raw["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
     raw["dtype"] = raw.pop("torch_dtype")
+    if raw["model_type"] == "qwen3_moe":
+        raw["num_local_experts"] = raw.pop("num_experts")
     return raw
 
 
@@ -102,6 +105,18 @@ def test_mixtral_num_experts_alias():
     assert parse_config(raw).num_experts == 8
     with pytest.raises(MoefpgaError, match="disagree"):
         parse_config(raw | {"num_local_experts": 4})
+
+
+@pytest.mark.parametrize("raw", [OLMOE_1B_7B, QWEN15_MOE_A27B, QWEN3_30B_A3B])
+def test_every_family_takes_either_expert_count_name(raw):
+    renamed = dict(raw)
+    renamed["num_local_experts"] = renamed.pop("num_experts")
+    assert parse_config(renamed).num_experts == raw["num_experts"]
+    with pytest.raises(MoefpgaError, match="disagree"):
+        parse_config(renamed | {"num_experts": 3})
+    del renamed["num_local_experts"]
+    with pytest.raises(MoefpgaError, match="missing required key 'num_experts'"):
+        parse_config(renamed)
 
 
 def test_null_head_dim_and_kv_heads_take_defaults():
