@@ -7,12 +7,19 @@ error, results to standard output.
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from ..hls_models import intmodel, reference
-from ..hls_models.calibrate import QuantSpec, calibration_tokens, prune_layer, quantize_layer
+from ..hls_models.calibrate import (
+    QuantSpec,
+    calibration_tokens,
+    check_shapes,
+    prune_layer,
+    quantize_layer,
+)
 from ..hls_models.checkpoint import Checkpoint
 from ..hls_models.errors import MoefpgaError
 from ..hls_models.fidelity import evaluate_layer
@@ -34,10 +41,10 @@ def parse_setting(text):
         raise MoefpgaError(f"setting {text!r} must start with int8 or int4")
     spec = {"bits": int(parts[0][3:])}
     for part in parts[1:]:
-        if part.startswith("g") and part[1:].isdigit():
-            spec["group_size"] = _group_size(int(part[1:]))
-        else:
-            spec["sparsity"] = parse_sparsity(part)
+        key = "group_size" if part.startswith("g") and part[1:].isdigit() else "sparsity"
+        if key in spec:
+            raise MoefpgaError(f"setting {text!r} gives the {key.replace('_', ' ')} twice")
+        spec[key] = _group_size(int(part[1:])) if key == "group_size" else parse_sparsity(part)
     return QuantSpec(**spec)
 
 
@@ -83,11 +90,13 @@ def load_tokens(path, hidden_size, what="input"):
         raise MoefpgaError(f"{what} {path} has shape {x.shape}; expected (tokens, {hidden_size})")
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
         raise MoefpgaError(f"{what} {path} holds {x.dtype} values; expected real numbers")
-    x = x.astype(np.float32)
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if bad.size:
         raise MoefpgaError(f"{what} {path} has NaN or Inf in token {bad[0]}")
-    return x
+    big = np.flatnonzero((np.abs(x) > np.finfo(np.float32).max).any(axis=1))
+    if big.size:
+        raise MoefpgaError(f"{what} {path} has values beyond the float32 range in token {big[0]}")
+    return x.astype(np.float32)
 
 
 def check_output(path):
@@ -97,26 +106,68 @@ def check_output(path):
         raise MoefpgaError(f"output folder {path.parent} does not exist")
     if path.is_dir():
         raise MoefpgaError(f"output {path} is a folder; give a file name such as Y.npy")
+    try:
+        _partial(path).touch()
+        _partial(path).unlink()
+    except OSError as exc:
+        raise MoefpgaError(f"cannot write {path}: {exc.strerror}") from None
     return path
+
+
+def _partial(path):
+    return path.with_name(path.name + ".partial")
 
 
 def save_array(path, array):
     """Write ``array`` to ``path`` (.npy) through a temporary file, so a failure loses nothing."""
     path = check_output(path)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    tmp.replace(path)
+    try:
+        with open(_partial(path), "wb") as f:
+            np.save(f, array)
+        _partial(path).replace(path)
+    except OSError as exc:
+        _partial(path).unlink(missing_ok=True)
+        raise MoefpgaError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def run_layer(checkpoint, layer, x, backend, spec, calibration):
-    """The float32 output of MoE layer ``layer`` for tokens ``x`` on ``backend``."""
-    weights = checkpoint.moe_layer(layer)
+def check_run(weights, backend, spec, calibration):
+    """Refuse, before any work, a run whose shapes or calibration tokens cannot serve."""
+    check_shapes(weights, spec if backend == "model" else QuantSpec(sparsity=spec.sparsity))
+    if backend == "model" and not np.any(calibration):
+        raise MoefpgaError("the calibration tokens are all zero; they cannot set scales")
+
+
+def run_layer(weights, x, backend, spec, calibration):
+    """The float32 output of an MoE layer's ``weights`` for tokens ``x`` on ``backend``.
+
+    The model backend warns (standard error) when requantized values sit at the limits of
+    their widths, the sign that the calibration tokens did not cover these inputs.
+    Call :func:`check_run` first.
+    """
     if backend == "reference":
-        return reference.moe_layer(x, prune_layer(weights, spec.sparsity))
+        y = reference.moe_layer(x, prune_layer(weights, spec.sparsity))
+        bad = np.flatnonzero(~np.isfinite(y).all(axis=1))
+        if bad.size:
+            raise MoefpgaError(f"the float reference overflowed float32 in token {bad[0]}")
+        return y
     int_layer = quantize_layer(weights, spec, calibration)
     xq, exp = quantize_activations(x)
-    return (intmodel.moe_layer(xq, exp, int_layer) * int_layer.out_scale).astype(np.float32)
+    rails = Counter()
+    y = intmodel.moe_layer(xq, exp, int_layer, rails=rails) * int_layer.out_scale
+    _warn_rails(rails)
+    return y.astype(np.float32)
+
+
+#: Fraction of a stage's values at its limits above which ``run`` warns.
+RAIL_WARNING = 0.001
+
+
+def _warn_rails(rails):
+    for stage in intmodel.RAIL_STAGES:
+        share = rails[stage] / max(1, rails[stage, "values"])
+        if share > RAIL_WARNING:
+            _progress(f"moefpga: warning: {share:.1%} of the {stage} values saturated; the "
+                      "calibration tokens are smaller than these inputs (see --calibration)")
 
 
 def default_calibration(checkpoint, layer):
@@ -135,6 +186,9 @@ def format_info(checkpoint):
     shared = (f"; a shared expert of ffn {cfg.shared_expert_ffn_size}"
               if cfg.shared_expert_ffn_size else "")
     routed = 3 * cfg.hidden_size * cfg.expert_ffn_size * cfg.num_experts
+    shared_params = 3 * cfg.hidden_size * cfg.shared_expert_ffn_size
+    router = cfg.hidden_size * (cfg.num_experts + (1 if cfg.shared_expert_ffn_size else 0))
+    per_layer = routed + shared_params + router
     lines = [
         f"checkpoint    {checkpoint.path}",
         f"family        {cfg.family}",
@@ -143,8 +197,9 @@ def format_info(checkpoint):
         f"experts       {cfg.num_experts} routed, top-{cfg.top_k}, routing weights "
         f"{'renormalized' if cfg.norm_topk_prob else 'not renormalized'}{shared}",
         f"expert ffn    {cfg.expert_ffn_size}",
-        f"parameters    {routed:,} routed-expert weights per MoE layer, "
-        f"{routed * len(cfg.moe_layers):,} in all MoE layers",
+        f"parameters    per MoE layer {per_layer:,}: routed experts {routed:,}, shared expert "
+        f"{shared_params:,}, router {router:,}; all {len(cfg.moe_layers)} MoE layers "
+        f"{per_layer * len(cfg.moe_layers):,}",
         "",
         "storage per MoE layer (routed and shared experts, payload and scales):",
     ]
@@ -171,8 +226,11 @@ def cmd_run(args):
     x = load_tokens(args.input, checkpoint.config.hidden_size)
     calibration = (load_tokens(args.calibration, checkpoint.config.hidden_size, "calibration")
                    if args.calibration else default_calibration(checkpoint, args.layer))
-    _progress(f"layer {args.layer}: {x.shape[0]} tokens on backend {args.backend}, {spec}")
-    y = run_layer(checkpoint, args.layer, x, args.backend, spec, calibration)
+    weights = checkpoint.moe_layer(args.layer)
+    check_run(weights, args.backend, spec, calibration)
+    setting = spec if args.backend == "model" else f"float32 {spec.sparsity}"
+    _progress(f"layer {args.layer}: {x.shape[0]} tokens on backend {args.backend}, {setting}")
+    y = run_layer(weights, x, args.backend, spec, calibration)
     save_array(args.output, y)
     print(f"wrote {args.output}: {y.shape[0]} x {y.shape[1]} float32")
 
@@ -223,8 +281,9 @@ def cmd_demo(args):
     save_array(workdir / "tokens.npy", x)
     spec = QuantSpec()
     calibration = default_calibration(checkpoint, layer)
-    y_ref = run_layer(checkpoint, layer, x, "reference", spec, calibration)
-    y_int = run_layer(checkpoint, layer, x, "model", spec, calibration)
+    weights = checkpoint.moe_layer(layer)
+    y_ref = run_layer(weights, x, "reference", spec, calibration)
+    y_int = run_layer(weights, x, "model", spec, calibration)
     save_array(workdir / "y_reference.npy", y_ref)
     save_array(workdir / "y_model.npy", y_int)
     print(f"\nlayer {layer}, {x.shape[0]} tokens: wrote {workdir}/y_reference.npy and "
@@ -234,10 +293,18 @@ def cmd_demo(args):
                       [parse_setting(s) for s in DEFAULT_SETTINGS], tokens=256))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line error: ``moefpga: error: ...``, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"moefpga: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moefpga", description="Mixture-of-Experts inference on FPGAs: models and host.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
 
     def checkpoint_arg(p):
         p.add_argument("--checkpoint", required=True, metavar="DIR",

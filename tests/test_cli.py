@@ -33,12 +33,12 @@ def tokens(model, tmp_path_factory):
 
 
 def assert_user_error(result, *fragments):
+    """Exit status 2 and exactly one line on standard error, naming the problem."""
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("moefpga: error: "), result.stderr
-    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("moefpga: error: "), result.stderr
     for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
+        assert fragment in lines[0], lines[0]
 
 
 def test_info_reports_architecture_and_storage(model):
@@ -49,6 +49,22 @@ def test_info_reports_architecture_and_storage(model):
     # 8 experts of 3 64x64 matrices, plus a shared one: 9 * 3 * 4096 float32 weights.
     assert f"{9 * 3 * 4096 * 4 / 1e6:.3f} MB" in out
     assert "int4 G=32 2:4" in out
+    # 8 routed experts and a shared one of 3 x 64 x 64, a router of (8 + 1 gate) x 64.
+    per_layer = 8 * 3 * 4096 + 3 * 4096 + 9 * 64
+    assert f"per MoE layer {per_layer:,}:" in out and f"layers {2 * per_layer:,}" in out
+
+
+def test_demo_runs_the_main_job(tmp_path):
+    result = moefpga("demo", "--workdir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "family        qwen2_moe" in result.stdout
+    rows = [line.split() for line in result.stdout.split("against the float reference:")[1]
+            .splitlines()[2:]]
+    assert len(rows) == 16
+    assert all(float(row[-3]) > 0.98 and row[-1] == "100.0%" for row in rows)
+    assert np.load(tmp_path / "y_model.npy").shape == (64, 128)
+    assert_user_error(moefpga("demo", "--workdir", tmp_path / "y_model.npy"),
+                      "cannot create the default model")
 
 
 @pytest.mark.parametrize("options", [[], ["--quant", "int4", "--group-size", "32",
@@ -132,17 +148,77 @@ def test_run_rejects_bad_input_arrays(model, tmp_path):
     assert_user_error(result, "not a readable .npy")
 
 
-def test_hidden_size_that_m_does_not_divide(tmp_path):
+@pytest.mark.parametrize("backend", ["model", "reference"])
+def test_widths_that_m_or_g_do_not_divide_are_named(tmp_path, backend):
     model = synthetic.write_checkpoint(tmp_path / "odd", "mixtral", hidden_size=36,
-                                       num_attention_heads=4, num_key_value_heads=2)
+                                       expert_ffn_size=40, num_attention_heads=4,
+                                       num_key_value_heads=2)
     x = tmp_path / "x.npy"
     np.save(x, np.ones((2, 36), np.float32))
+    def run(*options):
+        return moefpga("run", "--checkpoint", model, "--layer", 0, "--input", x,
+                       "--output", tmp_path / "y.npy", "--backend", backend, *options)
+    assert_user_error(run("--sparsity", "2:8"), "hidden size 36 is not a multiple of M=8")
+    assert_user_error(run("--sparsity", "1:16"), "hidden size 36 is not a multiple of M=16")
+    if backend == "model":
+        assert_user_error(run("--group-size", "32"), "group size 32 does not divide the "
+                                                     "hidden size 36")
+
+
+def test_ffn_width_is_named(tmp_path):
+    model = synthetic.write_checkpoint(tmp_path / "odd", "olmoe", hidden_size=48,
+                                       expert_ffn_size=36)
+    x = tmp_path / "x.npy"
+    np.save(x, np.ones((2, 48), np.float32))
     result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", x,
                      "--output", tmp_path / "y.npy", "--sparsity", "2:8")
-    assert_user_error(result, "36", "8")
+    assert_user_error(result, "expert ffn size 36 is not a multiple of M=8")
+
+
+def test_run_warns_when_inputs_outgrow_the_calibration(model, tmp_path):
+    x = tmp_path / "x.npy"
+    np.save(x, 10 * calibration_tokens(64, count=16, seed=4))
     result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", x,
-                     "--output", tmp_path / "y.npy", "--group-size", "32")
-    assert_user_error(result, "36", "32")
+                     "--output", tmp_path / "y.npy")
+    assert result.returncode == 0, result.stderr
+    assert "moefpga: warning:" in result.stderr and "saturated" in result.stderr
+    calm = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", x,
+                   "--output", tmp_path / "y.npy", "--calibration", x)
+    assert calm.returncode == 0 and "warning" not in calm.stderr
+
+
+def test_zero_calibration_and_float32_overflow_are_refused(model, tmp_path):
+    zeros, huge = tmp_path / "zeros.npy", tmp_path / "huge.npy"
+    np.save(zeros, np.zeros((4, 64), np.float32))
+    np.save(huge, np.full((2, 64), 1e300))
+    result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", zeros,
+                     "--output", tmp_path / "y.npy", "--calibration", zeros)
+    assert_user_error(result, "calibration tokens are all zero")
+    result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", huge,
+                     "--output", tmp_path / "y.npy")
+    assert_user_error(result, "beyond the float32 range in token 0")
+
+
+def test_argparse_mistakes_are_one_line_errors(model):
+    assert_user_error(moefpga("run", "--checkpoint", model, "--layer", "x"), "--layer")
+    assert_user_error(moefpga("frobnicate"), "frobnicate")
+    assert_user_error(moefpga("eval", "--checkpoint", model, "--setting", "int8/g32/g64"),
+                      "group size twice")
+
+
+def test_unwritable_output_is_refused_before_work(model, tokens, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = moefpga("run", "--checkpoint", model, "--layer", 0, "--input", tokens,
+                         "--output", locked / "y.npy")
+    finally:
+        locked.chmod(0o700)
+    if result.returncode == 0:      # root ignores directory permissions
+        assert (locked / "y.npy").exists()
+    else:
+        assert_user_error(result, "cannot write")
 
 
 def test_bad_checkpoints_are_one_line_errors(model, tmp_path):
