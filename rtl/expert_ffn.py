@@ -1,0 +1,458 @@
+"""The expert FFN datapath: SwiGLU experts on the sparse matmul engine, and the weighted combine.
+
+Equal bit for bit to :func:`moefpga.hls_models.intmodel.expert_ffn` followed by
+:func:`~moefpga.hls_models.intmodel.combine`. The stream formats and the parameters are in
+:mod:`.expert_ffn_params`; docs/ffn.md describes both, the schedule and the cycle counts.
+"""
+
+from amaranth import Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from ..hls_models.intmodel import ACT_BITS, OUT_BITS, PROB_FRAC_BITS, UP_BITS
+from .expert_ffn_params import COMBINE_BITS, SILU_ENTRIES, WEIGHT_BITS, ExpertFfnParams
+from .requant import SHIFT_BITS, Requantizer, saturated
+from .sparse_matmul import SparseMatmulEngine
+
+__all__ = ["Combiner", "ExpertFFN"]
+
+
+def _read_stage(m, port, valid, ready, want):
+    """Drive a synchronous read ``port`` whose data register feeds a stream (``valid``,
+    ``ready``): the register (and ``valid``) advance only when the stream is empty or
+    transferring. A read is issued when ``want``; returns the signal that says so."""
+    advance = ~valid | ready
+    m.d.comb += port.en.eq(advance)
+    with m.If(advance):
+        m.d.sync += valid.eq(want)
+    return advance & want
+
+
+class Combiner(wiring.Component):
+    """Weighted accumulation of expert outputs per token, and the final rounding to int32.
+
+    Holds one ``COMBINE_BITS``-bit accumulator per output slot (``max_tokens``) and hidden
+    element (``hidden``), zero at start. A beat on ``y`` adds ``weight * values[p]`` to the
+    accumulators of slot ``slot``, elements ``block * lanes + p`` (exact: 48-bit products,
+    sums of up to 9 of them). A command on ``cmd`` sends, for slots ``0..tokens-1`` in order and
+    blocks ``0..blocks-1`` in order, ``saturate(round_shift(acc, 15), 32)`` of each block's
+    ``lanes`` accumulators on ``o`` and clears them: that is ``intmodel.combine``.
+
+    ``y`` is ready in every cycle except while a command runs; ``o`` may be back-pressured at
+    any cycle. Accumulating the same slot and block in consecutive cycles is exact (the read
+    port is transparent to the accumulator write).
+
+    Parameters
+    ----------
+    lanes : int
+        Elements per beat.
+    max_tokens : int
+        Output slots.
+    hidden : int
+        Elements per slot, a multiple of ``lanes``.
+
+    Members
+    -------
+    y : In(stream.Signature(StructLayout({"slot", "block", "weight", "values"})))
+        ``values``: ``lanes`` signed 32-bit expert outputs; ``weight``: unsigned Q1.15.
+    cmd : In(stream.Signature(StructLayout({"tokens", "blocks"})))
+    o : Out(stream.Signature(ArrayLayout(signed(32), lanes)))
+    """
+
+    def __init__(self, *, lanes, max_tokens, hidden):
+        self.lanes      = lanes
+        self.max_tokens = max_tokens
+        self.blocks     = hidden // lanes
+        super().__init__({
+            "y": In(stream.Signature(data.StructLayout({
+                "slot":   range(max_tokens),
+                "block":  range(self.blocks),
+                "weight": unsigned(WEIGHT_BITS),
+                "values": data.ArrayLayout(signed(OUT_BITS), lanes),
+            }))),
+            "cmd": In(stream.Signature(data.StructLayout({
+                "tokens": range(max_tokens + 1),
+                "blocks": range(self.blocks + 1),
+            }))),
+            "o": Out(stream.Signature(data.ArrayLayout(signed(OUT_BITS), lanes))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.accs = accs = Memory(
+            shape=data.ArrayLayout(signed(COMBINE_BITS), self.lanes),
+            depth=self.max_tokens * self.blocks, init=[])
+        wr = accs.write_port()
+        rd = accs.read_port(transparent_for=(wr,))
+
+        tokens = Signal.like(self.cmd.payload.tokens)
+        blocks = Signal.like(self.cmd.payload.blocks)
+        slot   = Signal(range(self.max_tokens))
+        block  = Signal(range(self.blocks))
+        issued = Signal()
+        clear  = Signal()
+        clear_addr = Signal.like(wr.addr)
+        m.d.sync += clear.eq(0)
+
+        # Accumulation: read the slot's accumulators while the products are registered.
+        adding   = Signal()
+        add_addr = Signal.like(wr.addr)
+        products = Signal(data.ArrayLayout(signed(COMBINE_BITS), self.lanes))
+        m.d.sync += adding.eq(self.y.valid & self.y.ready)
+        with m.If(self.y.valid & self.y.ready):
+            m.d.sync += add_addr.eq(self.y.payload.slot * self.blocks + self.y.payload.block)
+            for p in range(self.lanes):
+                m.d.sync += products[p].eq(self.y.payload.values[p]
+                                           * self.y.payload.weight)
+
+        with m.FSM():
+            with m.State("ADD"):
+                m.d.comb += [
+                    self.cmd.ready.eq(1),
+                    self.y.ready.eq(1),
+                    rd.en.eq(1),
+                    rd.addr.eq(self.y.payload.slot * self.blocks + self.y.payload.block),
+                ]
+                with m.If(self.cmd.valid):
+                    m.d.sync += [tokens.eq(self.cmd.payload.tokens),
+                                 blocks.eq(self.cmd.payload.blocks),
+                                 slot.eq(0), block.eq(0), issued.eq(0)]
+                    m.next = "EMIT"
+            with m.State("EMIT"):
+                last_block = block == blocks - 1
+                last = last_block & (slot == tokens - 1)
+                issue = _read_stage(m, rd, self.o.valid, self.o.ready, ~issued)
+                m.d.comb += rd.addr.eq(slot * self.blocks + block)
+                with m.If(issue):
+                    m.d.sync += [
+                        block.eq(Mux(last_block, 0, block + 1)),
+                        clear.eq(1),
+                        clear_addr.eq(rd.addr),
+                        issued.eq(last),
+                    ]
+                    with m.If(last_block):
+                        m.d.sync += slot.eq(slot + 1)
+                with m.If(issued & (~self.o.valid | self.o.ready)):
+                    m.next = "ADD"
+
+        half = 1 << (PROB_FRAC_BITS - 1)
+        for p in range(self.lanes):
+            acc = rd.data[p]
+            m.d.comb += [
+                self.o.payload[p].eq(saturated((acc + half) >> PROB_FRAC_BITS, OUT_BITS)),
+                wr.data[p].eq(Mux(clear, 0, acc + products[p])),
+            ]
+        m.d.comb += [
+            wr.en.eq(adding | clear),
+            wr.addr.eq(Mux(clear, clear_addr, add_addr)),
+        ]
+        return m
+
+
+class ExpertFFN(wiring.Component):
+    """SwiGLU experts on a batch of tokens, scaled by routing weights and combined per token.
+
+    An *expert* command on ``cmd`` runs one expert on ``tokens`` tokens, ``intmodel.expert_ffn``
+    bit for bit, and adds each token's ``weight * y`` to the accumulators of its output slot. It
+    takes, in any interleaving of the streams: ``tokens`` beats on ``meta`` (slot, exponent,
+    weight of each token), the 256 entries of the expert's SiLU table on ``silu``, the int8
+    tokens on ``x`` (the engine's activation beats, token by token), then the expert's weights
+    on ``w`` (gate and up row blocks interleaved, then down; see
+    :meth:`.ExpertFfnParams.weight_beats`). The multipliers ride in the command.
+
+    Schedule: the engine loads the tokens, then runs gate and up as one matrix of interleaved
+    row blocks. Each gate result ``g = rq(gacc, M_g, s_g - t, 8)`` indexes the SiLU table and
+    its ``s`` waits in a buffer of one row block; the up result of the same rows and token,
+    ``u = rq(uacc, M_u, s_u - t, 16)``, meets it: ``h = rq(s * u, M_h, s_h, 8)`` goes to the
+    token-by-FFN hidden buffer. That buffer is then loaded as the engine's activations and the
+    down projection runs: ``y = rq(dacc, M_d, s_d, 32)`` goes to the :class:`Combiner`.
+
+    An *emit* command sends ``saturate(round_shift(acc, 15), 32)`` for slots ``0..tokens-1`` on
+    ``o`` (``lanes`` elements a beat, slot by slot) and clears those accumulators
+    (``intmodel.combine`` over every expert run since the last emit).
+
+    Every input may stall and ``o`` may be back-pressured at any cycle; the next command is
+    accepted once an expert's last output is accumulated, or once an emit has sent its last beat.
+    The tokens of one expert command must go to distinct slots.
+
+    Parameters
+    ----------
+    **kwargs
+        The parameters of :class:`.ExpertFfnParams`.
+
+    Attributes
+    ----------
+    params : ExpertFfnParams
+
+    Members
+    -------
+    cmd : In(stream.Signature(params.command))
+    meta : In(stream.Signature(params.meta))
+    silu : In(stream.Signature(signed(8)))
+    x : In(stream.Signature(params.engine.activation_beat))
+    w : In(stream.Signature(params.engine.weight_beat))
+    o : Out(stream.Signature(params.output_beat))
+    """
+
+    def __init__(self, **kwargs):
+        self.params = p = ExpertFfnParams(**kwargs)
+        super().__init__({
+            "cmd":  In(stream.Signature(p.command)),
+            "meta": In(stream.Signature(p.meta)),
+            "silu": In(stream.Signature(signed(ACT_BITS))),
+            "x":    In(stream.Signature(p.engine.activation_beat)),
+            "w":    In(stream.Signature(p.engine.weight_beat)),
+            "o":    Out(stream.Signature(p.output_beat)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        p = self.params
+        P, W = p.lanes, p.h_width
+        h_words = p.ffn // W                     # hidden-buffer words per token
+
+        m.submodules.engine = engine = SparseMatmulEngine(**p.engine_kwargs)
+        m.submodules.combiner = combiner = Combiner(lanes=P, max_tokens=p.max_tokens,
+                                                    hidden=p.hidden)
+        wiring.connect(m, wiring.flipped(self.w), engine.w)
+        wiring.connect(m, combiner.o, wiring.flipped(self.o))
+        rq1 = [Requantizer(p.acc_bits, OUT_BITS, SHIFT_BITS + 1) for _ in range(P)]
+        rq2 = [Requantizer(ACT_BITS + UP_BITS, ACT_BITS, SHIFT_BITS) for _ in range(P)]
+        for lane in range(P):
+            m.submodules[f"rq_acc{lane}"] = rq1[lane]
+            m.submodules[f"rq_hidden{lane}"] = rq2[lane]
+            m.d.comb += [rq1[lane].o.ready.eq(1), rq2[lane].o.ready.eq(1)]
+
+        m.submodules.meta = meta = Memory(shape=p.meta, depth=p.max_tokens, init=[])
+        m.submodules.silu = silu = Memory(shape=signed(ACT_BITS), depth=SILU_ENTRIES, init=[])
+        m.submodules.sbuf = sbuf = Memory(shape=data.ArrayLayout(signed(ACT_BITS), P),
+                                          depth=p.max_tokens, init=[])
+        m.submodules.hbuf = hbuf = Memory(shape=data.ArrayLayout(signed(ACT_BITS), W),
+                                          depth=p.max_tokens * h_words, init=[])
+        meta_w, meta_r = meta.write_port(), meta.read_port()
+        silu_w = silu.write_port()
+        silu_r = [silu.read_port() for _ in range(P)]
+        sbuf_w = sbuf.write_port()
+        sbuf_r = sbuf.read_port(transparent_for=(sbuf_w,))
+        hbuf_w = hbuf.write_port(granularity=1)
+        hbuf_r = hbuf.read_port()
+
+        cmd = Signal(p.command)     # the expert command being run
+        tokens_mode = Signal()       # engine.x takes the tokens from `x`
+        hidden_mode = Signal()       # engine.x takes the hidden buffer
+
+        # Loading an expert: token metadata and the SiLU table, alongside the tokens.
+        meta_count = Signal(range(p.max_tokens + 1))
+        silu_count = Signal(range(SILU_ENTRIES + 1))
+        loaded = (meta_count == cmd.tokens) & (silu_count == SILU_ENTRIES)
+        m.d.comb += [
+            self.meta.ready.eq(tokens_mode & (meta_count != cmd.tokens)),
+            meta_w.en.eq(self.meta.valid & self.meta.ready),
+            meta_w.addr.eq(meta_count),
+            meta_w.data.eq(self.meta.payload),
+            self.silu.ready.eq(tokens_mode & (silu_count != SILU_ENTRIES)),
+            silu_w.en.eq(self.silu.valid & self.silu.ready),
+            silu_w.addr.eq(silu_count),
+            silu_w.data.eq(self.silu.payload),
+        ]
+        with m.If(meta_w.en):
+            m.d.sync += meta_count.eq(meta_count + 1)
+        with m.If(silu_w.en):
+            m.d.sync += silu_count.eq(silu_count + 1)
+
+        # Where the engine's current result stands: token, row block, gate or up half.
+        tag_layout = data.StructLayout({
+            "gate": 1, "up": 1, "down": 1, "last": 1,
+            "token":  range(p.max_tokens),
+            "block":  range(max(p.ffn, p.hidden) // P),
+            "slot":   p.meta["slot"].shape,
+            "weight": p.meta["weight"].shape,
+        })
+        down_phase = Signal()
+        half       = Signal()
+        token      = Signal(range(p.max_tokens))
+        block      = Signal(tag_layout["block"].shape)
+        fire       = engine.o.valid
+        last_token = token == cmd.tokens - 1
+        blocks     = Mux(down_phase, cmd.hidden_blocks, cmd.ffn_blocks)
+        m.d.comb += [
+            engine.o.ready.eq(1),
+            meta_r.addr.eq(Mux(fire, Mux(last_token, 0, token + 1), token)),
+        ]
+        with m.If(fire):
+            m.d.sync += token.eq(Mux(last_token, 0, token + 1))
+            with m.If(last_token):
+                m.d.sync += half.eq(~half & ~down_phase)
+                with m.If(down_phase | half):
+                    m.d.sync += block.eq(block + 1)
+
+        tags = [Signal(tag_layout, name=f"tag{stage}") for stage in range(6)]
+        m.d.comb += [
+            tags[0].gate.eq(fire & ~down_phase & ~half),
+            tags[0].up.eq(fire & ~down_phase & half),
+            tags[0].down.eq(fire & down_phase),
+            tags[0].last.eq(last_token & (block == blocks - 1)),
+            tags[0].token.eq(token),
+            tags[0].block.eq(block),
+            tags[0].slot.eq(meta_r.data.slot),
+            tags[0].weight.eq(meta_r.data.weight),
+        ]
+        m.d.sync += [later.eq(earlier) for earlier, later in zip(tags, tags[1:], strict=False)]
+
+        # Stage 0: accumulators into the requantizers, with the token's exponent.
+        exp = meta_r.data.exp
+        mult = Mux(down_phase, cmd.down_mult.mult, Mux(half, cmd.up_mult.mult,
+                                                       cmd.gate_mult.mult))
+        shift = Mux(down_phase, cmd.down_mult.shift,
+                    Mux(half, cmd.up_mult.shift, cmd.gate_mult.shift) - exp)
+        for lane in range(P):
+            m.d.comb += [
+                rq1[lane].i.valid.eq(fire),
+                rq1[lane].i.payload.value.eq(engine.o.payload[lane]),
+                rq1[lane].i.payload.mult.eq(mult),
+                rq1[lane].i.payload.shift.eq(shift),
+            ]
+
+        # Stage 2: g indexes the SiLU table, u reads the block's SiLU outputs; y is combined.
+        u = Signal(data.ArrayLayout(signed(UP_BITS), P))
+        m.d.comb += [
+            sbuf_r.addr.eq(tags[2].token),
+            combiner.y.valid.eq(tags[2].down),
+            combiner.y.payload.slot.eq(tags[2].slot),
+            combiner.y.payload.block.eq(tags[2].block),
+            combiner.y.payload.weight.eq(tags[2].weight),
+        ]
+        for lane in range(P):
+            g = saturated(rq1[lane].o.payload, ACT_BITS)
+            m.d.comb += [
+                silu_r[lane].addr.eq(g.as_unsigned() ^ (1 << (ACT_BITS - 1))),
+                combiner.y.payload.values[lane].eq(rq1[lane].o.payload),
+            ]
+            m.d.sync += u[lane].eq(saturated(rq1[lane].o.payload, UP_BITS))
+
+        # Stage 3: keep a gate block's SiLU outputs; the up block's products to requantize.
+        m.d.comb += [
+            sbuf_w.en.eq(tags[3].gate),
+            sbuf_w.addr.eq(tags[3].token),
+        ]
+        for lane in range(P):
+            m.d.comb += [
+                sbuf_w.data[lane].eq(silu_r[lane].data),
+                rq2[lane].i.valid.eq(tags[3].up),
+                rq2[lane].i.payload.value.eq(sbuf_r.data[lane] * u[lane]),
+                rq2[lane].i.payload.mult.eq(cmd.hidden_mult.mult),
+                rq2[lane].i.payload.shift.eq(cmd.hidden_mult.shift),
+            ]
+
+        # Stage 5: h into the hidden buffer, token by token, `W` columns a word.
+        ratio = W // P
+        offset = tags[5].block & (ratio - 1)
+        m.d.comb += hbuf_w.addr.eq(tags[5].token * h_words + tags[5].block // ratio)
+        for column in range(W):
+            m.d.comb += [
+                hbuf_w.data[column].eq(rq2[column % P].o.payload),
+                hbuf_w.en[column].eq(tags[5].up & (offset == column // P)),
+            ]
+
+        # The hidden buffer as the engine's activations: `m` columns a beat, token by token.
+        h_valid  = Signal()
+        h_token  = Signal(range(p.max_tokens))
+        h_word   = Signal(range(h_words))
+        h_sub    = Signal(range(W // p.m))
+        h_slice  = Signal.like(h_sub)
+        h_issued = Signal()
+        h_last_word = h_word == (cmd.ffn_blocks if W == P
+                                 else cmd.ffn_groups * (p.group_size // p.m)) - 1
+        h_last_sub = h_sub == W // p.m - 1
+        h_last = h_last_sub & h_last_word & (h_token == cmd.tokens - 1)
+        h_issue = _read_stage(m, hbuf_r, h_valid, engine.x.ready, hidden_mode & ~h_issued)
+        m.d.comb += hbuf_r.addr.eq(h_token * h_words + h_word)
+        with m.If(h_issue):
+            m.d.sync += [h_slice.eq(h_sub), h_sub.eq(Mux(h_last_sub, 0, h_sub + 1)),
+                         h_issued.eq(h_last)]
+            with m.If(h_last_sub):
+                m.d.sync += h_word.eq(Mux(h_last_word, 0, h_word + 1))
+                with m.If(h_last_word):
+                    m.d.sync += h_token.eq(h_token + 1)
+        h_beat = hbuf_r.data.as_value().word_select(h_slice, p.m * ACT_BITS)
+        m.d.comb += [
+            engine.x.valid.eq(Mux(hidden_mode, h_valid, self.x.valid & tokens_mode)),
+            engine.x.payload.eq(Mux(hidden_mode, h_beat, self.x.payload)),
+            self.x.ready.eq(engine.x.ready & tokens_mode),
+        ]
+
+        # Sequencing.
+        sent = Signal()              # the engine took this state's command
+        def start_run(down):
+            m.d.sync += [token.eq(0), block.eq(0), half.eq(0), down_phase.eq(down)]
+
+        with m.If(engine.cmd.valid & engine.cmd.ready):
+            m.d.sync += sent.eq(1)
+        m.d.comb += [
+            combiner.cmd.payload.tokens.eq(self.cmd.payload.tokens),
+            combiner.cmd.payload.blocks.eq(self.cmd.payload.hidden_blocks),
+            engine.cmd.payload.tokens.eq(cmd.tokens),
+        ]
+        with m.FSM():
+            with m.State("IDLE"):
+                emit = self.cmd.payload.emit
+                m.d.comb += [
+                    self.cmd.ready.eq(~emit | combiner.cmd.ready),
+                    combiner.cmd.valid.eq(self.cmd.valid & emit),
+                ]
+                with m.If(self.cmd.valid & emit & combiner.cmd.ready):
+                    m.next = "EMIT"
+                with m.Elif(self.cmd.valid & ~emit):
+                    m.d.sync += [cmd.eq(self.cmd.payload), meta_count.eq(0),
+                                 silu_count.eq(0), sent.eq(0)]
+                    m.next = "LOAD"
+            with m.State("EMIT"):
+                with m.If(combiner.cmd.ready):
+                    m.next = "IDLE"
+            with m.State("LOAD"):
+                m.d.comb += [
+                    tokens_mode.eq(1),
+                    engine.cmd.valid.eq(~sent),
+                    engine.cmd.payload.load.eq(1),
+                    engine.cmd.payload.groups.eq(cmd.hidden_groups),
+                ]
+                with m.If(sent | engine.cmd.ready):
+                    m.next = "GATE_UP"
+            with m.State("GATE_UP"):
+                m.d.comb += [
+                    tokens_mode.eq(1),
+                    engine.cmd.valid.eq(loaded),
+                    engine.cmd.payload.groups.eq(cmd.hidden_groups),
+                    engine.cmd.payload.row_blocks.eq(cmd.ffn_blocks * 2),
+                ]
+                with m.If(loaded & engine.cmd.ready):
+                    start_run(down=0)
+                    m.next = "GATE_UP_WAIT"
+            with m.State("GATE_UP_WAIT"):
+                with m.If(tags[5].up & tags[5].last):
+                    m.d.sync += [h_token.eq(0), h_word.eq(0), h_sub.eq(0), h_issued.eq(0),
+                                 sent.eq(0)]
+                    m.next = "HIDDEN_LOAD"
+            with m.State("HIDDEN_LOAD"):
+                m.d.comb += [
+                    hidden_mode.eq(1),
+                    engine.cmd.valid.eq(~sent),
+                    engine.cmd.payload.load.eq(1),
+                    engine.cmd.payload.groups.eq(cmd.ffn_groups),
+                ]
+                with m.If(h_issued & (~h_valid | engine.x.ready)):
+                    m.next = "DOWN"
+            with m.State("DOWN"):
+                m.d.comb += [
+                    engine.cmd.valid.eq(1),
+                    engine.cmd.payload.groups.eq(cmd.ffn_groups),
+                    engine.cmd.payload.row_blocks.eq(cmd.hidden_blocks),
+                ]
+                with m.If(engine.cmd.ready):
+                    start_run(down=1)
+                    m.next = "DOWN_WAIT"
+            with m.State("DOWN_WAIT"):
+                with m.If(tags[2].down & tags[2].last):
+                    m.next = "IDLE"
+        return m
