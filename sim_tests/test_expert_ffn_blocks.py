@@ -1,0 +1,88 @@
+"""Amaranth-simulator test of the expert FFN's combiner against ``intmodel.combine``, bit for bit.
+
+The requantizers of the datapath are ``rtl.requant.Requantizer``, tested in
+``test_router_blocks.py``; the whole datapath is tested on Verilator in ``test_expert_ffn.py``.
+"""
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from moefpga.hls_models.intmodel import PROB_FRAC_BITS, combine
+from moefpga.rtl.expert_ffn import Combiner
+
+ONE = 1 << PROB_FRAC_BITS
+Y_MIN, Y_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def _run(dut, phases, *, seed, stall):
+    """For each phase ``(adds, (tokens, blocks))``: send ``adds`` (slot, block, weight, values)
+    on ``y``, then the emit command on ``cmd``. Returns every payload received on ``o``."""
+    rng = np.random.default_rng(seed)
+    received = []
+    expected = sum(tokens * blocks for _, (tokens, blocks) in phases)
+
+    async def source(ctx):
+        for adds, (tokens, blocks) in phases:
+            for slot, block, weight, values in adds:
+                while rng.random() < stall:
+                    await ctx.tick()
+                ctx.set(dut.y.payload, {"slot": slot, "block": block, "weight": weight,
+                                        "values": list(values)})
+                ctx.set(dut.y.valid, 1)
+                await ctx.tick().until(dut.y.ready)
+                ctx.set(dut.y.valid, 0)
+            ctx.set(dut.cmd.payload, {"tokens": tokens, "blocks": blocks})
+            ctx.set(dut.cmd.valid, 1)
+            await ctx.tick().until(dut.cmd.ready)
+            ctx.set(dut.cmd.valid, 0)
+
+    async def sink(ctx):
+        while len(received) < expected:
+            ready = rng.random() >= stall
+            ctx.set(dut.o.ready, ready)
+            await ctx.delay(1e-7)
+            if ready and ctx.get(dut.o.valid):
+                received.append([int(v) for v in ctx.get(dut.o.payload)])
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(source)
+    sim.add_testbench(sink)
+    sim.run()
+    return np.array(received, dtype=np.int64)
+
+
+@pytest.mark.parametrize("lanes, consecutive", [(2, True), (3, False)])
+def test_combiner(lanes, consecutive):
+    """Three experts into every slot: random outputs and weights, exact halves of the final
+    rounding, int32 saturation both ways; the same accumulators hit in consecutive cycles
+    (``consecutive``) or expert after expert. Then the cleared accumulators start again."""
+    rng = np.random.default_rng(lanes)
+    max_tokens, hidden, experts = 4, 4 * lanes, 3
+    dut = Combiner(lanes=lanes, max_tokens=max_tokens, hidden=hidden)
+    y = rng.integers(Y_MIN, Y_MAX + 1, (max_tokens, experts, hidden))
+    w = rng.integers(0, ONE + 1, (max_tokens, experts))
+    y[0], w[0] = Y_MAX, ONE                                  # saturates up
+    y[1], w[1] = Y_MIN, ONE                                  # saturates down
+    y[2, :, ::2], w[2] = 1, [ONE // 2, 0, 0]                  # an exact half: rounds up
+    y[2, :, 1::2] = -1                                       # -1/2 rounds to 0
+    order = [(t, k, b) for t in range(max_tokens) for b in range(hidden // lanes)
+             for k in range(experts)]
+    if not consecutive:
+        order.sort(key=lambda tkb: tkb[1])
+    adds = [(t, b, w[t, k], y[t, k, b * lanes:(b + 1) * lanes]) for t, k, b in order]
+    again = [(t, 0, ONE, y[t, 0, :lanes]) for t in range(max_tokens)]
+    got = _run(dut, [(adds, (max_tokens, hidden // lanes)), (again, (max_tokens, 1))],
+               seed=lanes, stall=0.3)
+    first = max_tokens * hidden // lanes
+    _check(got[:first].reshape(max_tokens, hidden), combine(w, y))
+    _check(got[first:].reshape(max_tokens, lanes), y[:, 0, :lanes])
+
+
+def _check(got, expected):
+    mismatch = np.argwhere(got != expected)
+    assert not len(mismatch), (f"{len(mismatch)} outputs differ, first at "
+                               f"{tuple(mismatch[0])}: {got[tuple(mismatch[0])]} != "
+                               f"{expected[tuple(mismatch[0])]}")
