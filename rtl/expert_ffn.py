@@ -195,6 +195,9 @@ class ExpertFFN(wiring.Component):
     o : Out(stream.Signature(params.output_beat))
     """
 
+    #: Cycles of an expert command beyond its loads and the engine's beats (docs/ffn.md).
+    OVERHEAD = 21
+
     def __init__(self, **kwargs):
         self.params = p = ExpertFfnParams(**kwargs)
         super().__init__({
@@ -205,6 +208,18 @@ class ExpertFFN(wiring.Component):
             "w":    In(stream.Signature(p.engine.weight_beat)),
             "o":    Out(stream.Signature(p.output_beat)),
         })
+
+    def cycles(self, tokens, hidden, ffn):
+        """Cycles from accepting an expert command to accepting the next command, with streams
+        that never stall, when the 256-entry SiLU load is at least as long as the token load.
+
+        The SiLU table (or the tokens), the engine's ``3 * hidden * ffn * tokens / (lanes * m)``
+        beats, the hidden activations loaded into the engine, and :data:`OVERHEAD`.
+        """
+        p = self.params
+        return (max(SILU_ENTRIES, tokens * hidden // p.m)
+                + 3 * hidden * ffn * tokens // (p.lanes * p.m) + tokens * ffn // p.m
+                + self.OVERHEAD)
 
     def elaborate(self, platform):
         m = Module()
@@ -384,8 +399,17 @@ class ExpertFFN(wiring.Component):
 
         # Sequencing.
         sent = Signal()              # the engine took this state's command
+
         def start_run(down):
             m.d.sync += [token.eq(0), block.eq(0), half.eq(0), down_phase.eq(down)]
+
+        def engine_command(valid, *, groups, load=0, row_blocks=0):
+            m.d.comb += [
+                engine.cmd.valid.eq(valid),
+                engine.cmd.payload.load.eq(load),
+                engine.cmd.payload.groups.eq(groups),
+                engine.cmd.payload.row_blocks.eq(row_blocks),
+            ]
 
         with m.If(engine.cmd.valid & engine.cmd.ready):
             m.d.sync += sent.eq(1)
@@ -405,27 +429,19 @@ class ExpertFFN(wiring.Component):
                     m.next = "EMIT"
                 with m.Elif(self.cmd.valid & ~emit):
                     m.d.sync += [cmd.eq(self.cmd.payload), meta_count.eq(0),
-                                 silu_count.eq(0), sent.eq(0)]
+                                 silu_count.eq(0)]
                     m.next = "LOAD"
             with m.State("EMIT"):
                 with m.If(combiner.cmd.ready):
                     m.next = "IDLE"
             with m.State("LOAD"):
-                m.d.comb += [
-                    tokens_mode.eq(1),
-                    engine.cmd.valid.eq(~sent),
-                    engine.cmd.payload.load.eq(1),
-                    engine.cmd.payload.groups.eq(cmd.hidden_groups),
-                ]
-                with m.If(sent | engine.cmd.ready):
+                m.d.comb += tokens_mode.eq(1)
+                engine_command(1, load=1, groups=cmd.hidden_groups)
+                with m.If(engine.cmd.ready):
                     m.next = "GATE_UP"
             with m.State("GATE_UP"):
-                m.d.comb += [
-                    tokens_mode.eq(1),
-                    engine.cmd.valid.eq(loaded),
-                    engine.cmd.payload.groups.eq(cmd.hidden_groups),
-                    engine.cmd.payload.row_blocks.eq(cmd.ffn_blocks * 2),
-                ]
+                m.d.comb += tokens_mode.eq(1)
+                engine_command(loaded, groups=cmd.hidden_groups, row_blocks=cmd.ffn_blocks * 2)
                 with m.If(loaded & engine.cmd.ready):
                     start_run(down=0)
                     m.next = "GATE_UP_WAIT"
@@ -435,20 +451,12 @@ class ExpertFFN(wiring.Component):
                                  sent.eq(0)]
                     m.next = "HIDDEN_LOAD"
             with m.State("HIDDEN_LOAD"):
-                m.d.comb += [
-                    hidden_mode.eq(1),
-                    engine.cmd.valid.eq(~sent),
-                    engine.cmd.payload.load.eq(1),
-                    engine.cmd.payload.groups.eq(cmd.ffn_groups),
-                ]
+                m.d.comb += hidden_mode.eq(1)
+                engine_command(~sent, load=1, groups=cmd.ffn_groups)
                 with m.If(h_issued & (~h_valid | engine.x.ready)):
                     m.next = "DOWN"
             with m.State("DOWN"):
-                m.d.comb += [
-                    engine.cmd.valid.eq(1),
-                    engine.cmd.payload.groups.eq(cmd.ffn_groups),
-                    engine.cmd.payload.row_blocks.eq(cmd.hidden_blocks),
-                ]
+                engine_command(1, groups=cmd.ffn_groups, row_blocks=cmd.hidden_blocks)
                 with m.If(engine.cmd.ready):
                     start_run(down=1)
                     m.next = "DOWN_WAIT"

@@ -57,8 +57,10 @@ ONE = 1 << PROB_FRAC_BITS
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ExpertFfnParams(**c).name)
 def test_expert_ffn(config, sim_report):
     dut = ExpertFFN(**config)
-    records = run(dut, name="expert_ffn", config=dut.params.name, test_module=__name__,
-                  parameters={"ffn": config})
+    p = dut.params
+    cycles = {tokens: dut.cycles(tokens, p.hidden, p.ffn) for tokens in (1, p.max_tokens)}
+    records = run(dut, name="expert_ffn", config=p.name, test_module=__name__,
+                  parameters={"ffn": config, "cycles": cycles})
     sim_report.extend(record["text"] for record in records)
     checked = {record["test"] for record in records if "test" in record}
     assert checked == {"experts_alone", "whole_layer", "corners"}
@@ -224,7 +226,8 @@ async def corners(dut):
 @cocotb.test(**_TIMEOUT)
 async def throughput(dut):
     """One expert at a time on streams that never stall: cycles from accepting its command to
-    accepting the next one; multiplier use is the engine's beats over those cycles."""
+    accepting the next one, equal to ``ExpertFFN.cycles``; multiplier use is the engine's
+    beats over those cycles."""
     await start(dut)
     ffn = FFN(dut, seed=40, stall=0)
     commands = transfers(dut, "cmd")
@@ -241,3 +244,4 @@ async def throughput(dut):
         report(f"d={p.hidden} f={p.ffn}, {tokens} token(s): {cycles} cycles per expert, "
                f"{cycles / tokens:.1f} per token; {p.lanes * p.engine.n} multipliers busy "
                f"{busy / cycles:.1%}", tokens=tokens, cycles=cycles)
+        assert cycles == params()["cycles"][str(tokens)]
