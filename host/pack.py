@@ -97,7 +97,7 @@ def pack_expert(int_expert, *, layer, expert, params):
         raise MoefpgaError(f"{name} has {bits}-bit weights, the hardware takes "
                            f"{params.engine.weight_bits}-bit")
     try:
-        params.expert_command(int_expert, tokens=1)
+        params.expert_command(int_expert, tokens=1)     # its checks of the sizes and shifts
         silu = params.silu_beats(int_expert.silu_table)
         beats = params.weight_beats(int_expert)
     except ValueError as error:
