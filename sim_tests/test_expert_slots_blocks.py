@@ -8,8 +8,11 @@ checked in isolation.
 
 import numpy as np
 import pytest
+from amaranth import Fragment, Module
+from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
+from moefpga.rtl.expert_ffn import ExpertFFN
 from moefpga.rtl.expert_ffn_params import SILU_ENTRIES, ExpertFfnParams
 from moefpga.rtl.expert_slots import EventKind, ExpertSlots, LoadOp
 
@@ -219,3 +222,16 @@ def test_random_sequential(slots):
             ops.append(("read", int(rng.integers(1 << dut.slot_shape.width))))
     _run_sequential(dut, ops, model)
     assert sum(model.counts.values()) > 0
+
+
+def test_feeds_expert_ffn():
+    """The ``silu`` and ``w`` streams have the signatures of ExpertFFN's inputs, so a slot
+    connects to the datapath in place of the host."""
+    slots = ExpertSlots(ExpertFfnParams(**TINY), slots=2, layers=1, experts=1)
+    ffn = ExpertFFN(**TINY)
+    m = Module()
+    m.submodules.slots, m.submodules.ffn = slots, ffn
+    wiring.connect(m, slots.silu, ffn.silu)
+    wiring.connect(m, slots.w, ffn.w)
+    assert slots.w.signature.members["payload"].shape == ffn.params.engine.weight_beat
+    Fragment.get(m, None)                                    # and the pair elaborates
