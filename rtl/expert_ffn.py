@@ -15,13 +15,32 @@ from .expert_ffn_params import COMBINE_BITS, SILU_ENTRIES, WEIGHT_BITS, ExpertFf
 from .requant import SHIFT_BITS, Requantizer, saturated
 from .sparse_matmul import SparseMatmulEngine
 
-__all__ = ["Combiner", "ExpertFFN"]
+__all__ = ["Combiner", "ExpertFFN", "read_stage"]
 
 
-def _read_stage(m, port, valid, ready, want):
-    """Drive a synchronous read ``port`` whose data register feeds a stream (``valid``,
-    ``ready``): the register (and ``valid``) advance only when the stream is empty or
-    transferring. A read is issued when ``want``; returns the signal that says so."""
+def read_stage(m, port, valid, ready, want):
+    """Drive a synchronous memory read ``port`` whose data register feeds a stream.
+
+    The read data register (and ``valid``) advance only when the stream is empty or
+    transferring (``~valid | ready``); in such a cycle a read is issued if ``want``, and
+    ``valid`` follows ``want``, so the data appears one cycle later and holds until taken.
+
+    Parameters
+    ----------
+    m : Module
+        Where the logic goes.
+    port : ReadPort
+        A synchronous read port; its ``en`` is driven here, its ``addr`` by the caller.
+    valid, ready : Signal
+        The stream the port's ``data`` feeds (``valid`` is driven here, synchronously).
+    want : Value
+        The caller has an address to read.
+
+    Returns
+    -------
+    Value
+        True in the cycles a read is issued: the caller advances its address then.
+    """
     advance = ~valid | ready
     m.d.comb += port.en.eq(advance)
     with m.If(advance):
@@ -122,7 +141,7 @@ class Combiner(wiring.Component):
             with m.State("EMIT"):
                 last_block = block == blocks - 1
                 last = last_block & (slot == tokens - 1)
-                issue = _read_stage(m, rd, self.o.valid, self.o.ready, ~issued)
+                issue = read_stage(m, rd, self.o.valid, self.o.ready, ~issued)
                 m.d.comb += rd.addr.eq(slot * self.blocks + block)
                 with m.If(issue):
                     m.d.sync += [
@@ -381,7 +400,7 @@ class ExpertFFN(wiring.Component):
                                  else cmd.ffn_groups * (p.group_size // p.m)) - 1
         h_last_sub = h_sub == W // p.m - 1
         h_last = h_last_sub & h_last_word & (h_token == cmd.tokens - 1)
-        h_issue = _read_stage(m, hbuf_r, h_valid, engine.x.ready, hidden_mode & ~h_issued)
+        h_issue = read_stage(m, hbuf_r, h_valid, engine.x.ready, hidden_mode & ~h_issued)
         m.d.comb += hbuf_r.addr.eq(h_token * h_words + h_word)
         with m.If(h_issue):
             m.d.sync += [h_slice.eq(h_sub), h_sub.eq(Mux(h_last_sub, 0, h_sub + 1)),

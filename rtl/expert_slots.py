@@ -13,7 +13,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import bits_for
 
 from ..hls_models.intmodel import ACT_BITS
-from .expert_ffn import _read_stage
+from .expert_ffn import read_stage
 from .expert_ffn_params import SILU_ENTRIES
 
 __all__ = ["ExpertSlots", "LoadOp", "EventKind", "COUNTER_BITS"]
@@ -320,10 +320,10 @@ class ExpertSlots(wiring.Component):
         with m.If(rd_start):
             m.d.sync += [r_active.eq(1), r_slot.eq(rd.payload), silu_i.eq(0),
                          w_left.eq(counts[rd.payload]), r_addr.eq(rd.payload * cap)]
-        with m.If(_read_stage(m, silu_rd, self.silu.valid, self.silu.ready,
+        with m.If(read_stage(m, silu_rd, self.silu.valid, self.silu.ready,
                               r_active & (silu_i != SILU_ENTRIES))):
             m.d.sync += silu_i.eq(silu_i + 1)
-        with m.If(_read_stage(m, w_rd, self.w.valid, self.w.ready, r_active & (w_left != 0))):
+        with m.If(read_stage(m, w_rd, self.w.valid, self.w.ready, r_active & (w_left != 0))):
             m.d.sync += [w_left.eq(w_left - 1), r_addr.eq(r_addr + 1)]
         m.d.comb += [
             silu_rd.addr.eq(Cat(silu_i[:ACT_BITS], r_slot)),
