@@ -1,0 +1,148 @@
+"""The MoE layer top on Verilator: batches of tokens in, combined outputs out, experts loaded
+on request, against ``intmodel.moe_layer``.
+
+``batches`` loads the router of a calibrated qwen2_moe layer, then sends two batches; a host
+coroutine answers every expert request with that expert's packed record. Every AXI-Stream
+port is driven by cocotbext-axi with random pauses. The outputs must equal the integer model
+bit for bit, and the counters the loads and hits of an LRU model of the slots.
+"""
+
+import cocotb
+import numpy as np
+from amaranth.lib import data
+from cocotb.triggers import RisingEdge
+from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStreamSource
+from harness import _pauses, report, run, start
+from test_expert_loader_blocks import EXPERTS, FFN, LAYERS, layer
+
+from moefpga.hls_models.calibrate import calibration_tokens
+from moefpga.hls_models.intmodel import moe_layer, router_logits, softmax_topk
+from moefpga.hls_models.quant import quantize_activations
+from moefpga.host.pack import pack_layer
+from moefpga.rtl.expert_ffn_params import ExpertFfnParams
+from moefpga.rtl.expert_stream import SHARED_EXPERT
+from moefpga.rtl.moe_layer import MoeLayer, RequestBeat
+from moefpga.rtl.requant import Multiplier
+
+SLOTS, MAX_TOKENS, LAYER, TOP_K = 3, 4, 1, 2
+PARAMS = {**FFN, "max_tokens": MAX_TOKENS}
+
+
+def design():
+    p = ExpertFfnParams(**PARAMS)
+    return MoeLayer(p, hidden=p.hidden, experts=EXPERTS, top_k=TOP_K, slots=SLOTS,
+                    shared=True, shared_gate=True, layers=LAYERS, macs=EXPERTS + 1)
+
+
+def test_moe_layer(sim_report):
+    records = run(design(), name="moe_layer", config=f"moe_layer_s{SLOTS}",
+                  test_module=__name__, parameters={})
+    sim_report.extend(record["text"] for record in records)
+    assert [record["test"] for record in records] == ["batches"] * 3
+
+
+def _lru(accesses, resident):
+    """The number of hits and the list of misses of ``accesses`` (tags in order) on ``SLOTS``
+    slots holding ``resident`` (least recently used first), which it updates: a hit and a load
+    both make the tag the most recently used."""
+    misses = []
+    for tag in accesses:
+        if tag in resident:
+            resident.remove(tag)
+        else:
+            misses.append(tag)
+            if len(resident) == SLOTS:
+                resident.pop(0)
+        resident.append(tag)
+    return len(accesses) - len(misses), misses
+
+
+class Host:
+    """The host side: the top's AXI-Stream ports with 30 % pauses, and the expert records."""
+
+    def __init__(self, dut, hw, records):
+        self.dut, self.hw, self.records = dut, hw, records
+        bus = {name: AxiStreamBus.from_prefix(dut, name, bus_separator="__")
+               for name in ["s_router", "s_tokens", "s_expert", "m_request", "m_result"]}
+        self.src = {name: AxiStreamSource(bus[name], dut.clk, dut.rst)
+                    for name in ["s_router", "s_tokens", "s_expert"]}
+        self.sink = {name: AxiStreamSink(bus[name], dut.clk, dut.rst)
+                     for name in ["m_request", "m_result"]}
+        for seed, port in enumerate([*self.src.values(), *self.sink.values()]):
+            port.set_pause_generator(_pauses(seed, 0.3))
+            port.log.setLevel("WARNING")
+        self.requests = []
+        cocotb.start_soon(self._answer())
+
+    async def _answer(self):
+        while True:
+            frame = await self.sink["m_request"].recv()
+            beat = data.Const(RequestBeat, int.from_bytes(bytes(frame.tdata), "little"))
+            self.requests.append((int(beat.layer), int(beat.expert)))
+            index = -1 if beat.expert == SHARED_EXPERT else int(beat.expert)
+            await self.src["s_expert"].send(AxiStreamFrame(self.records[index]))
+
+    def counters(self):
+        view = data.Const(self.hw.counters_layout, int(self.dut.counters.value))
+        return {name: int(view[name]) for name in self.hw.counters_layout.members}
+
+    async def batch(self, x16, exps):
+        """Send a batch, return its outputs (tokens, hidden)."""
+        payload = b"".join(int(v).to_bytes(2, "little", signed=True) + int(e).to_bytes(
+            1, "little", signed=True) for row, e in zip(x16, exps, strict=True) for v in row)
+        await self.src["s_tokens"].send(AxiStreamFrame(payload))
+        frame = await self.sink["m_result"].recv()
+        return np.frombuffer(bytes(frame.tdata), "<i4").astype(np.int64).reshape(len(x16), -1)
+
+
+def _tag_sequence(x16, exps, int_layer):
+    """The experts the top runs for a batch, in its order: picked ones ascending, then shared."""
+    picks, _ = softmax_topk(router_logits(x16, exps, int_layer), int_layer.top_k,
+                            int_layer.normalize)
+    return [*(int(e) for e in np.unique(picks)), SHARED_EXPERT]
+
+
+@cocotb.test(timeout_time=50, timeout_unit="ms")
+async def batches(dut):
+    """Two batches of a calibrated layer, the second's experts partly resident; then a third,
+    a repeat of the second, whose experts are all resident."""
+    await start(dut)
+    hw = design()
+    p = hw.params
+    int_layer, norm = layer(p, seed=7)
+    assert int_layer.top_k == TOP_K
+    host = Host(dut, hw, pack_layer(int_layer, LAYER, p))
+    dut.layer.value = LAYER
+    dut.normalize.value = int(int_layer.normalize)
+    for port, model in [(dut.router_mult, int_layer.router_mult),
+                        (dut.gate_mult, int_layer.shared_gate_mult)]:
+        port.value = Multiplier.const({"mult": model.mult, "shift": model.shift}).as_bits()
+    rows = np.concatenate([int_layer.router, int_layer.shared_gate[None]]).reshape(-1)
+    await host.src["s_router"].send(AxiStreamFrame(rows.astype("<i2").tobytes()))
+    await host.src["s_router"].wait()
+
+    x16, exps = quantize_activations(calibration_tokens(p.hidden, norm, count=MAX_TOKENS,
+                                                        seed=20))
+    resident = []
+    for index, (xb, eb) in enumerate([(x16, exps), (x16[-1:], exps[-1:]),
+                                      (x16[-1:], exps[-1:])]):
+        before, asked = host.counters(), len(host.requests)
+        got = await host.batch(xb, eb)
+        assert np.array_equal(got, moe_layer(xb, eb, int_layer)), index
+        while dut.busy.value:
+            await RisingEdge(dut.clk)
+        after = host.counters()
+        c = {name: after[name] - before[name] for name in after}
+        tags = _tag_sequence(xb, eb, int_layer)
+        hits, missed = _lru(tags, resident)
+        assert host.requests[asked:] == [(LAYER, tag) for tag in missed], index
+        misses = len(missed)
+        assert (c["loads"], c["hits"], c["rejected"]) == (misses, hits, 0), (index, c)
+        assert (c["stall"] > 0) == (misses > 0), (index, c)
+        assert 0 < c["compute"] and c["compute"] + c["stall"] <= c["cycles"], c
+        if index:
+            assert hits > 0
+        report(f"batch {index}: {len(xb)} tokens, {len(tags)} experts ({misses} loads, {hits} "
+               f"hits): {c['cycles']} cycles ({c['cycles'] / len(xb):.0f} per token), "
+               f"{c['compute']} computing, {c['stall']} stalled on loads; equals "
+               f"intmodel.moe_layer", test="batches", **c)
