@@ -183,7 +183,7 @@ class MoeLayer(wiring.Component):
             m.d.sync += count.rejected.eq(count.rejected + 1)
 
         # The batch: int16 values in words of M, exponents and routing results per token.
-        token_mem = Signal(range(T + 1))              # tokens taken
+        n_tokens = Signal(range(T + 1))              # tokens taken
         tok_bits  = max(1, bits_for(T - 1))
         m.submodules.mem = mem = Memory(shape=unsigned(TOKEN_BITS * M), depth=T * words,
                                         init=[])
@@ -213,11 +213,11 @@ class MoeLayer(wiring.Component):
             m.d.comb += wr.en.eq(Const(1, M) << (value % M))
             m.d.sync += [value.eq(value + 1), self.busy.eq(1)]
             with m.If(value == 0):
-                m.d.sync += exps[token_mem].eq(beat.exp)
+                m.d.sync += exps[n_tokens].eq(beat.exp)
             with m.If(value % M == M - 1):
                 m.d.sync += word.eq(word + 1)
             with m.If(value == d - 1):
-                m.d.sync += [value.eq(0), token_mem.eq(token_mem + 1)]
+                m.d.sync += [value.eq(0), n_tokens.eq(n_tokens + 1)]
             with m.If(tokens.tlast):
                 m.d.sync += taking.eq(0)
 
@@ -287,15 +287,15 @@ class MoeLayer(wiring.Component):
         expert_cmd = ffn.cmd.payload
         with m.FSM():
             with m.State("IDLE"):
-                m.d.sync += [token_mem.eq(0), routed.eq(0), word.eq(0), value.eq(0),
+                m.d.sync += [n_tokens.eq(0), routed.eq(0), word.eq(0), value.eq(0),
                              expert.eq(0), emitted.eq(0), taking.eq(1)]
                 m.next = "TAKE"
             with m.State("TAKE"):
-                with m.If(~taking & (routed == token_mem)):
+                with m.If(~taking & (routed == n_tokens)):
                     m.d.sync += [scan.eq(0), n_list.eq(0)]
                     m.next = "SCAN"
             with m.State("SCAN"):
-                with m.If(scan == token_mem):
+                with m.If(scan == n_tokens):
                     with m.If(n_list != 0):
                         m.d.sync += requested.eq(0)
                         m.next = "LOOKUP"
@@ -377,7 +377,7 @@ class MoeLayer(wiring.Component):
                 m.d.comb += [
                     ffn.cmd.valid.eq(1),
                     expert_cmd.emit.eq(1),
-                    expert_cmd.tokens.eq(token_mem),
+                    expert_cmd.tokens.eq(n_tokens),
                     expert_cmd.hidden_blocks.eq(d // P),
                 ]
                 with m.If(ffn.cmd.ready):
@@ -387,7 +387,7 @@ class MoeLayer(wiring.Component):
                 m.d.comb += [
                     self.m_result.tdata.eq(ffn.o.payload),
                     self.m_result.tvalid.eq(ffn.o.valid),
-                    self.m_result.tlast.eq((out_token == token_mem - 1)
+                    self.m_result.tlast.eq((out_token == n_tokens - 1)
                                            & (out_block == d // P - 1)),
                     ffn.o.ready.eq(self.m_result.tready),
                 ]
