@@ -9,10 +9,11 @@ bit for bit, and the counters the loads and hits of an LRU model of the slots.
 
 import cocotb
 import numpy as np
+import pytest
 from amaranth.lib import data
 from cocotb.triggers import RisingEdge
 from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStreamSource
-from harness import _pauses, report, run, start
+from harness import _pauses, params, report, run, start, sweep
 from test_expert_loader_blocks import EXPERTS, FFN, LAYERS, layer
 
 from moefpga.hls_models.calibrate import calibration_tokens
@@ -24,25 +25,29 @@ from moefpga.rtl.expert_stream import SHARED_EXPERT
 from moefpga.rtl.moe_layer import MoeLayer, RequestBeat
 from moefpga.rtl.requant import Multiplier
 
-SLOTS, MAX_TOKENS, LAYER, TOP_K = 3, 4, 1, 2
+MAX_TOKENS, LAYER, TOP_K = 4, 1, 2
 PARAMS = {**FFN, "max_tokens": MAX_TOKENS}
+#: Per slot count, (loads, hits) present in each of the three batches of ``batches``.
+PATTERNS = {3: [(True, False), (True, True), (False, True)],
+            1: [(True, False), (True, False), (True, False)]}
 
 
-def design():
+def design(slots):
     p = ExpertFfnParams(**PARAMS)
-    return MoeLayer(p, hidden=p.hidden, experts=EXPERTS, top_k=TOP_K, slots=SLOTS,
+    return MoeLayer(p, hidden=p.hidden, experts=EXPERTS, top_k=TOP_K, slots=slots,
                     shared=True, shared_gate=True, layers=LAYERS, macs=EXPERTS + 1)
 
 
-def test_moe_layer(sim_report):
-    records = run(design(), name="moe_layer", config=f"moe_layer_s{SLOTS}",
-                  test_module=__name__, parameters={})
+@pytest.mark.parametrize("slots", sweep([3], [1]))
+def test_moe_layer(sim_report, slots):
+    records = run(design(slots), name="moe_layer", config=f"moe_layer_s{slots}",
+                  test_module=__name__, parameters={"slots": slots})
     sim_report.extend(record["text"] for record in records)
     assert [record["test"] for record in records] == ["batches"] * 3
 
 
-def _lru(accesses, resident):
-    """The number of hits and the list of misses of ``accesses`` (tags in order) on ``SLOTS``
+def _lru(accesses, resident, slots):
+    """The number of hits and the list of misses of ``accesses`` (tags in order) on ``slots``
     slots holding ``resident`` (least recently used first), which it updates: a hit and a load
     both make the tag the most recently used."""
     misses = []
@@ -51,7 +56,7 @@ def _lru(accesses, resident):
             resident.remove(tag)
         else:
             misses.append(tag)
-            if len(resident) == SLOTS:
+            if len(resident) == slots:
                 resident.pop(0)
         resident.append(tag)
     return len(accesses) - len(misses), misses
@@ -107,7 +112,8 @@ async def batches(dut):
     """Three batches of a calibrated layer: 4 tokens on empty slots (all loads); one new token
     whose experts are partly resident (a load and hits); the same token again (all hits)."""
     await start(dut)
-    hw = design()
+    slots = params()["slots"]
+    hw = design(slots)
     p = hw.params
     int_layer, norm = layer(p, seed=7)
     assert int_layer.top_k == TOP_K
@@ -134,14 +140,15 @@ async def batches(dut):
         after = host.counters()
         c = {name: after[name] - before[name] for name in after}
         tags = _tag_sequence(xb, eb, int_layer)
-        hits, missed = _lru(tags, resident)
+        hits, missed = _lru(tags, resident, slots)
         assert host.requests[asked:] == [(LAYER, tag) for tag in missed], index
         misses = len(missed)
         assert (c["loads"], c["hits"], c["rejected"]) == (misses, hits, 0), (index, c)
         assert (c["stall"] > 0) == (misses > 0), (index, c)
         assert 0 < c["compute"] and c["compute"] + c["stall"] <= c["cycles"], c
-        assert (misses > 0, hits > 0) == [(True, False), (True, True), (False, True)][index]
-        report(f"batch {index}: {len(xb)} tokens, {len(tags)} experts ({misses} loads, {hits} "
-               f"hits): {c['cycles']} cycles ({c['cycles'] / len(xb):.0f} per token), "
-               f"{c['compute']} computing, {c['stall']} stalled on loads; equals "
-               f"intmodel.moe_layer", test="batches", **c)
+        assert (misses > 0, hits > 0) == PATTERNS[slots][index]
+        report(f"{slots} slots, batch {index}: {len(xb)} tokens, {len(tags)} experts "
+               f"({misses} loads, {hits} hits): {c['cycles']} cycles "
+               f"({c['cycles'] / len(xb):.0f} per token), {c['compute']} computing, "
+               f"{c['stall']} stalled on loads; equals intmodel.moe_layer", test="batches",
+               **c)
