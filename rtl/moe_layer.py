@@ -30,11 +30,14 @@ class RequestBeat(data.Struct):
     expert: unsigned(16)
 
 
-def _axis(width, last=True):
-    """An AXI-Stream source signature of ``width`` data bits, with ``tlast`` if ``last``."""
+def _axis(width, last=True, user=False):
+    """An AXI-Stream source signature of ``width`` data bits, with ``tlast`` if ``last`` and a
+    1-bit ``tuser`` if ``user``."""
     members = {"tdata": Out(width), "tvalid": Out(1), "tready": In(1)}
     if last:
         members["tlast"] = Out(1)
+    if user:
+        members["tuser"] = Out(1)
     return wiring.Signature(members)
 
 
@@ -90,7 +93,10 @@ class MoeLayer(wiring.Component):
     s_tokens : In(AXI-Stream, 24 data bits)
         The batch: ``TokenBeat`` (value, int16, bits 0-15; exponent, signed 8, bits 16-23), one
         beat per value, token by token, ``hidden`` beats per token, ``tlast`` on the batch's
-        last beat. At most ``params.max_tokens`` tokens.
+        last beat. At most ``params.max_tokens`` tokens. A malformed batch (``tlast`` inside a
+        token, which is then completed with zeros for the router, or beats beyond
+        ``params.max_tokens`` tokens, which are dropped) runs no expert: its outputs are zeros,
+        flagged on ``m_result.tuser``, and it counts in ``malformed``.
     s_expert : In(AXI-Stream, 8 data bits)
         Packed expert records, to the ``ExpertLoader``.
     m_request : Out(AXI-Stream, 32 data bits)
@@ -98,14 +104,17 @@ class MoeLayer(wiring.Component):
         resident.
     m_result : Out(AXI-Stream, ``32 * lanes`` data bits)
         The outputs, token by token, ``lanes`` int32 elements a beat (element ``b * lanes + p``
-        in lane p of beat b), ``tlast`` on the batch's last beat.
+        in lane p of beat b), ``tlast`` on the batch's last beat, ``tuser`` set on every beat of
+        a malformed batch.
     busy : Out(1)
         A batch is in flight (from its first token beat to its last result beat).
-    counters : Out(StructLayout({"cycles", "compute", "stall", "loads", "hits", "rejected"}))
+    counters : Out(StructLayout({"cycles", "compute", "stall", "loads", "hits", "rejected",
+        "malformed"}))
         32-bit wrapping counts since reset: cycles with ``busy``, cycles in which the FFN runs
         an expert command, cycles in which the FFN is idle while the controller waits for a
         requested expert (request and lookups until it is committed), requests sent,
-        experts found resident at their first lookup, and loader records not ``OK``.
+        experts found resident at their first lookup, loader records not ``OK``, and
+        malformed batches.
     """
 
     def __init__(self, params, *, hidden, experts, top_k, slots, shared=True, shared_gate=True,
@@ -128,7 +137,8 @@ class MoeLayer(wiring.Component):
         self.macs        = macs
         self.counters_layout = data.StructLayout({
             name: unsigned(COUNTER_BITS)
-            for name in ("cycles", "compute", "stall", "loads", "hits", "rejected")})
+            for name in ("cycles", "compute", "stall", "loads", "hits", "rejected",
+                         "malformed")})
         members = {
             "s_router":    In(_axis(TOKEN_BITS, last=False)),
             "router_mult": In(Multiplier),
@@ -137,7 +147,7 @@ class MoeLayer(wiring.Component):
             "s_tokens":    In(_axis(TokenBeat.as_shape().size)),
             "s_expert":    In(AXIS_BYTES),
             "m_request":   Out(_axis(RequestBeat.as_shape().size)),
-            "m_result":    Out(_axis(OUT_BITS * p.lanes)),
+            "m_result":    Out(_axis(OUT_BITS * p.lanes, user=True)),
             "busy":        Out(1),
             "counters":    Out(self.counters_layout),
         }
@@ -202,24 +212,35 @@ class MoeLayer(wiring.Component):
         value  = Signal(range(d))                     # value of the token being taken
         word   = Signal(range(T * words))
         taking = Signal()
+        full   = Signal()                             # T_max tokens taken: later beats dropped
+        pad    = Signal()                             # zeros complete a token cut by tlast
+        bad    = Signal()                             # the batch is malformed
         m.d.comb += [
-            router.i.payload.eq(tokens.tdata),
-            router.i.valid.eq(tokens.tvalid & taking),
-            tokens.tready.eq(router.i.ready & taking),
+            full.eq(n_tokens == T),
+            router.i.payload.eq(Mux(pad, 0, tokens.tdata)),
+            router.i.valid.eq(pad | (tokens.tvalid & taking & ~full)),
+            tokens.tready.eq(taking & (router.i.ready | full)),
             wr.addr.eq(word),
             wr.data.eq(beat.value.as_unsigned().replicate(M)),
         ]
         with m.If(tokens.tvalid & tokens.tready):
-            m.d.comb += wr.en.eq(Const(1, M) << (value % M))
-            m.d.sync += [value.eq(value + 1), self.busy.eq(1)]
-            with m.If(value == 0):
-                m.d.sync += exps[n_tokens].eq(beat.exp)
-            with m.If(value % M == M - 1):
-                m.d.sync += word.eq(word + 1)
-            with m.If(value == d - 1):
-                m.d.sync += [value.eq(0), n_tokens.eq(n_tokens + 1)]
+            m.d.sync += self.busy.eq(1)
+            with m.If(full):
+                m.d.sync += bad.eq(1)
+            with m.Else():
+                m.d.comb += wr.en.eq(Const(1, M) << (value % M))
+                with m.If(value == 0):
+                    m.d.sync += exps[n_tokens].eq(beat.exp)
+                with m.If(value % M == M - 1):
+                    m.d.sync += word.eq(word + 1)
             with m.If(tokens.tlast):
                 m.d.sync += taking.eq(0)
+                with m.If(~full & (value != d - 1)):
+                    m.d.sync += [pad.eq(1), bad.eq(1)]
+        with m.If(router.i.valid & router.i.ready):
+            m.d.sync += value.eq(value + 1)
+            with m.If(value == d - 1):
+                m.d.sync += [value.eq(0), n_tokens.eq(n_tokens + 1), pad.eq(0)]
 
         m.d.comb += router.o.ready.eq(1)
         with m.If(router.o.valid):
@@ -288,12 +309,16 @@ class MoeLayer(wiring.Component):
         with m.FSM():
             with m.State("IDLE"):
                 m.d.sync += [n_tokens.eq(0), routed.eq(0), word.eq(0), value.eq(0),
-                             expert.eq(0), emitted.eq(0), taking.eq(1)]
+                             expert.eq(0), emitted.eq(0), taking.eq(1), bad.eq(0)]
                 m.next = "TAKE"
             with m.State("TAKE"):
-                with m.If(~taking & (routed == n_tokens)):
+                with m.If(~taking & ~pad & (routed == n_tokens)):
                     m.d.sync += [scan.eq(0), n_list.eq(0)]
-                    m.next = "SCAN"
+                    with m.If(bad):
+                        m.d.sync += count.malformed.eq(count.malformed + 1)
+                        m.next = "EMIT"
+                    with m.Else():
+                        m.next = "SCAN"
             with m.State("SCAN"):
                 with m.If(scan == n_tokens):
                     with m.If(n_list != 0):
@@ -387,6 +412,7 @@ class MoeLayer(wiring.Component):
                 m.d.comb += [
                     self.m_result.tdata.eq(ffn.o.payload),
                     self.m_result.tvalid.eq(ffn.o.valid),
+                    self.m_result.tuser.eq(bad),
                     self.m_result.tlast.eq((out_token == n_tokens - 1)
                                            & (out_block == d // P - 1)),
                     ffn.o.ready.eq(self.m_result.tready),

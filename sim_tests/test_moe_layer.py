@@ -43,7 +43,7 @@ def test_moe_layer(sim_report, slots):
     records = run(design(slots), name="moe_layer", config=f"moe_layer_s{slots}",
                   test_module=__name__, parameters={"slots": slots})
     sim_report.extend(record["text"] for record in records)
-    assert [record["test"] for record in records] == ["batches"] * 3
+    assert [record["test"] for record in records] == ["batches"] * 5
 
 
 def _lru(accesses, resident, slots):
@@ -97,13 +97,16 @@ class Host:
         view = data.Const(self.hw.counters_layout, int(self.dut.counters.value))
         return {name: int(view[name]) for name in self.hw.counters_layout.members}
 
-    async def batch(self, x16, exps):
-        """Send a batch, return its outputs (tokens, hidden)."""
+    async def batch(self, x16, exps, values=None):
+        """Send a batch (only its first ``values`` values if given); its outputs (tokens,
+        hidden) and the set of ``tuser`` flags of the result beats."""
         payload = b"".join(int(v).to_bytes(2, "little", signed=True) + int(e).to_bytes(
             1, "little", signed=True) for row, e in zip(x16, exps, strict=True) for v in row)
-        await self.src["s_tokens"].send(AxiStreamFrame(payload))
+        await self.src["s_tokens"].send(AxiStreamFrame(payload[:3 * values if values else None]))
         frame = await self.sink["m_result"].recv()
-        return np.frombuffer(bytes(frame.tdata), "<i4").astype(np.int64).reshape(len(x16), -1)
+        flags = set(frame.tuser) if isinstance(frame.tuser, list) else {frame.tuser}
+        out = np.frombuffer(bytes(frame.tdata), "<i4").astype(np.int64)
+        return out.reshape(-1, self.hw.hidden), flags
 
 
 def _tag_sequence(x16, exps, int_layer):
@@ -115,9 +118,10 @@ def _tag_sequence(x16, exps, int_layer):
 
 @cocotb.test(timeout_time=50, timeout_unit="ms")
 async def batches(dut):
-    """Three batches of a calibrated layer: 4 tokens on empty slots (all loads); one new token
-    whose experts are partly resident (a load and hits), its first record answered corrupt and
-    then again; the same token again (all hits)."""
+    """Two malformed batches (a token cut short by ``tlast``, one token too many): zero
+    outputs flagged on ``tuser``. Then three batches of a calibrated layer: 4 tokens on empty
+    slots (all loads); one new token whose experts are partly resident (a load and hits), its
+    first record answered corrupt and then again; the same token again (all hits)."""
     await start(dut)
     slots = params()["slots"]
     hw = design(slots)
@@ -137,12 +141,25 @@ async def batches(dut):
     x16, exps = quantize_activations(calibration_tokens(p.hidden, norm, count=MAX_TOKENS,
                                                         seed=20))
     x1, exps1 = quantize_activations(calibration_tokens(p.hidden, norm, count=1, seed=25))
+    x5, exps5 = quantize_activations(calibration_tokens(p.hidden, norm, count=5, seed=30))
+    for name, values, tokens in [("a token cut short", 3 * p.hidden // 2, 2),
+                                 (f"{MAX_TOKENS + 1} tokens", None, MAX_TOKENS)]:
+        before = host.counters()
+        got, flags = await host.batch(x5, exps5, values)
+        while dut.busy.value:
+            await RisingEdge(dut.clk)
+        after = host.counters()
+        c = {key: after[key] - before[key] for key in after}
+        assert got.shape == (tokens, p.hidden) and not got.any() and flags == {1}, name
+        assert c["malformed"] == 1 and c["loads"] == c["hits"] == c["compute"] == 0, (name, c)
+        report(f"{slots} slots, malformed batch ({name}): {tokens} zero outputs flagged on "
+               f"tuser, {c['cycles']} cycles, nothing loaded or computed", test="batches")
     resident = []
     for index, (xb, eb) in enumerate([(x16, exps), (x1, exps1), (x1, exps1)]):
         before, asked = host.counters(), len(host.requests)
         host.corrupt = int(index == 1)
-        got = await host.batch(xb, eb)
-        assert np.array_equal(got, moe_layer(xb, eb, int_layer)), index
+        got, flags = await host.batch(xb, eb)
+        assert np.array_equal(got, moe_layer(xb, eb, int_layer)) and flags == {0}, index
         while dut.busy.value:
             await RisingEdge(dut.clk)
         after = host.counters()
@@ -152,7 +169,7 @@ async def batches(dut):
         assert host.requests[asked:] == [(LAYER, tag) for tag in missed], index
         misses = len(missed)
         assert (c["loads"], c["hits"]) == (misses, hits), (index, c)
-        assert c["rejected"] == int(index == 1), (index, c)
+        assert (c["rejected"], c["malformed"]) == (int(index == 1), 0), (index, c)
         assert (c["stall"] > 0) == (misses > 0), (index, c)
         assert 0 < c["compute"] and c["compute"] + c["stall"] <= c["cycles"], c
         assert (misses > 0, hits > 0) == PATTERNS[slots][index]
