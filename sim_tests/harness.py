@@ -27,7 +27,7 @@ from amaranth.back import verilog
 
 __all__ = [
     "FULL_SWEEP", "sweep", "run",
-    "params", "report", "start", "beat", "stream_source", "stream_sink", "transfers",
+    "params", "report", "start", "beat", "pauses", "stream_source", "stream_sink", "transfers",
 ]
 
 SIM_BUILD  = Path(__file__).parent / "sim_build"
@@ -162,7 +162,7 @@ def _stream():
     return bus, beat, source, sink
 
 
-def _pauses(seed, stall):
+def pauses(seed, stall):
     """An endless, seeded pattern of pause flags, each set with probability ``stall``."""
     rng = random.Random(seed)
     return (rng.random() < stall for _ in itertools.count())
@@ -182,7 +182,7 @@ def stream_source(dut, name, *, seed, stall):
     bus, _, source_cls, _ = _stream()
     source = source_cls(bus.from_prefix(dut, name, bus_separator="__"), dut.clk, dut.rst)
     if stall:
-        source.set_pause_generator(_pauses(seed, stall))
+        source.set_pause_generator(pauses(seed, stall))
     return source
 
 
@@ -195,7 +195,7 @@ def stream_sink(dut, name, *, seed, stall):
     bus, _, _, sink_cls = _stream()
     sink = sink_cls(bus.from_prefix(dut, name, bus_separator="__"), dut.clk, dut.rst)
     if stall:
-        sink.set_pause_generator(_pauses(seed, stall))
+        sink.set_pause_generator(pauses(seed, stall))
     return sink
 
 

@@ -8,9 +8,6 @@ status, that nothing bad is ever found by a lookup, that an aborted load's slot 
 reads, and that the next good record loads.
 """
 
-import itertools
-import random
-
 import cocotb
 import numpy as np
 from amaranth import Module
@@ -18,7 +15,7 @@ from amaranth.lib import data, wiring
 from cocotb.triggers import RisingEdge
 from cocotb.utils import get_sim_time
 from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSource
-from harness import CLOCK_NS, beat, report, run, start, stream_sink, stream_source
+from harness import CLOCK_NS, beat, pauses, report, run, start, stream_sink, stream_source
 from test_expert_loader_blocks import EXPERTS, FFN, LAYERS, cases, layer, tag_bits
 
 from moefpga.hls_models.calibrate import calibration_tokens
@@ -86,11 +83,6 @@ def test_expert_loader(sim_report):
     assert {record.get("test") for record in records} == {None, "end_to_end", "corruption"}
 
 
-def _pauses(seed):
-    rng = random.Random(seed)
-    return (rng.random() < 0.3 for _ in itertools.count())
-
-
 class Bench:
     """The top's streams with 30 % stalls everywhere, and the loader's and slots' formats."""
 
@@ -99,7 +91,7 @@ class Bench:
         self.p = self.hw.ffn.params
         self.axis = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_axis", bus_separator="__"),
                                     dut.clk, dut.rst)
-        self.axis.set_pause_generator(_pauses(seed))
+        self.axis.set_pause_generator(pauses(seed, 0.3))
         self.axis.log.setLevel("WARNING")
         self.src = {name: stream_source(dut, name, seed=seed + i, stall=0.3)
                     for i, name in enumerate(["read", "lookup", "cmd", "meta", "x"])}
@@ -183,7 +175,7 @@ async def end_to_end(dut):
         assert kind == StatusKind.OK
         if not index:
             cycles = round((get_sim_time("ns") - began) / CLOCK_NS)
-            b.axis.set_pause_generator(_pauses(3))
+            b.axis.set_pause_generator(pauses(3, 0.3))
         tokens = 1 + index % p.max_tokens
         xq, exps = expert_input(*_tokens(p, norm, tokens, seed=10 + index))
         command = await b.run_expert(slot, xq, exps, range(tokens), [ONE] * tokens)

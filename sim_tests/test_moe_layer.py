@@ -13,7 +13,7 @@ import pytest
 from amaranth.lib import data
 from cocotb.triggers import RisingEdge
 from cocotbext.axi import AxiStreamBus, AxiStreamFrame, AxiStreamSink, AxiStreamSource
-from harness import _pauses, params, report, run, start, sweep
+from harness import params, pauses, report, run, start, sweep
 from test_expert_loader_blocks import EXPERTS, FFN, LAYERS, layer
 
 from moefpga.hls_models.calibrate import calibration_tokens
@@ -74,7 +74,7 @@ class Host:
         self.sink = {name: AxiStreamSink(bus[name], dut.clk, dut.rst)
                      for name in ["m_request", "m_result"]}
         for seed, port in enumerate([*self.src.values(), *self.sink.values()]):
-            port.set_pause_generator(_pauses(seed, 0.3))
+            port.set_pause_generator(pauses(seed, 0.3))
             port.log.setLevel("WARNING")
         self.requests = []
         self.corrupt = 0        # requests to answer first with a record whose CRC is broken
