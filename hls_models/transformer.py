@@ -307,7 +307,8 @@ class Transformer:
     def forward(self, ids: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
         """Logits float32 ``(T, vocab)`` of ``ids`` (1-D), after the positions in ``cache``.
 
-        With a cache, its positions are the sequence's start and ``ids`` are appended to it.
+        With a cache, its positions are the sequence's start and ``ids`` are appended to it;
+        after an error the cache is incomplete and must not be used again.
 
         Raises
         ------
