@@ -49,13 +49,15 @@ class ExpertSlots(wiring.Component):
 
     Each slot holds an expert's 256-entry SiLU table and up to :attr:`capacity` engine weight
     beats, the largest expert of ``params`` (``3 d f / (P M)``). A slot is *empty* or *valid*
-    (holds a committed expert with its tag and its weight-beat count), and *in use* while a
-    read streams it. No two valid slots hold the same tag.
+    (holds a committed expert with its tag and its weight-beat count), and *in use* from the
+    cycle a read of it is taken until that read has streamed it. No two valid slots hold the
+    same tag.
 
     **Loading** (``load``, one beat per operation, ``LoadOp`` in ``op``):
 
     - ``BEGIN`` with the tag in the low bits of ``data``: waits (``ready`` low) until some slot
-      is neither in use nor named by a read accepted in the same cycle, then picks the victim:
+      is *free*: not in use, not named by a read taken in the same cycle, and not the hit of a
+      claiming lookup offered in the same cycle (taken or not). Then it picks the victim:
       the lowest-numbered such empty slot, else the least recently used such slot (an ``EVICT``
       event names its old tag). The victim, and any slot that holds the same tag, become empty;
       ``loading`` rises and ``load_slot`` names the victim until the load ends.
@@ -74,13 +76,21 @@ class ExpertSlots(wiring.Component):
 
     **Lookup**: a tag on ``lookup`` gives ``found`` one cycle later (when ``found`` is not
     back-pressured): ``hit`` and ``slot``, from the table as it stood in the cycle the lookup was
-    accepted. A hit also sends a ``HIT`` event. Lookups do not change the LRU order.
+    accepted. A hit also sends a ``HIT`` event. A plain lookup does not change the LRU order. A
+    *claiming* lookup (``claim`` set) that hits is also a read of its slot, taken in the same
+    cycle, so no load can evict the expert between finding and reading it; it waits while a
+    read is queued or offered on ``read``.
 
-    **Read**: a slot number on ``read``, accepted when no read runs. A valid slot becomes the
-    most recently used slot and in use; its 256 SiLU entries stream on ``silu`` and its weight
-    beats on ``w`` (independently, in the formats :class:`.expert_ffn.ExpertFFN` consumes), and
-    it stays in use until both last beats have been taken. A slot that is not valid (or does not
-    exist) gives a ``REFUSED`` event and no beats.
+    **Read**: a slot number on ``read``, taken when no read is queued. Reads run one at a time
+    in the order they are taken: one taken while another runs is *queued* and starts when that
+    one ends. A valid slot becomes the most recently used slot and in use when its read is
+    taken; its 256 SiLU entries stream on ``silu`` and its weight beats on ``w`` (independently,
+    in the formats :class:`.expert_ffn.ExpertFFN` consumes), and it stays in use until both last
+    beats have been taken. A slot that is not valid (or does not exist) gives a ``REFUSED``
+    event and no beats.
+
+    **Residency**: ``resident`` has bit ``e`` set when expert ``e`` of layer ``resident_layer``
+    is valid in some slot (combinational, from the table as it stands).
 
     When a commit and a read make two slots most recently used in one cycle, the read's slot is
     the more recent. ``event`` goes to one source per cycle: a read's, else the load's, else a
@@ -99,7 +109,7 @@ class ExpertSlots(wiring.Component):
     ----------
     capacity : int
         Weight beats per slot.
-    tag, load_beat, event_beat, counters_layout, found_beat : Layout
+    tag, load_beat, lookup_beat, found_beat, event_beat, counters_layout : Layout
         Payload layouts (see Members).
 
     Members
@@ -108,13 +118,15 @@ class ExpertSlots(wiring.Component):
         ``width`` is the widest of a weight beat, 8 and the tag.
     loading : Out(1)
     load_slot : Out(slot)
-    lookup : In(stream.Signature(tag))
+    lookup : In(stream.Signature(StructLayout({"tag": tag, "claim": 1})))
         ``tag`` is ``StructLayout({"layer", "expert"})``.
     found : Out(stream.Signature(StructLayout({"hit": 1, "slot": slot})))
     read : In(stream.Signature(slot))
         ``slot`` is ``unsigned(max(1, bits_for(slots - 1)))``.
     in_use : Out(slots)
-        Bit ``s`` is set while slot ``s`` is read.
+        Bit ``s`` is set while slot ``s`` is read or queued for a read.
+    resident_layer : In(layer)
+    resident : Out(experts)
     silu : Out(stream.Signature(signed(8)))
     w : Out(stream.Signature(params.engine.weight_beat))
     event : Out(stream.Signature(StructLayout({"kind": EventKind, "slot": slot, "tag": tag})))
@@ -128,6 +140,7 @@ class ExpertSlots(wiring.Component):
                 raise TypeError(f"{name} must be a positive integer, not {value!r}")
         self.params   = params
         self.slots    = slots
+        self.experts  = experts
         self.capacity = 3 * params.hidden * params.ffn // (params.lanes * params.m)
 
         beat = params.engine.weight_beat
@@ -137,6 +150,7 @@ class ExpertSlots(wiring.Component):
                                       "expert": unsigned(max(1, bits_for(experts - 1)))})
         width = max(beat.size, ACT_BITS, self.tag.size)
         self.load_beat  = data.StructLayout({"op": LoadOp, "data": unsigned(width)})
+        self.lookup_beat = data.StructLayout({"tag": self.tag, "claim": unsigned(1)})
         self.found_beat = data.StructLayout({"hit": unsigned(1), "slot": slot})
         self.event_beat = data.StructLayout({"kind": EventKind, "slot": slot, "tag": self.tag})
         self.counters_layout = data.StructLayout({
@@ -146,10 +160,12 @@ class ExpertSlots(wiring.Component):
             "load":      In(stream.Signature(self.load_beat)),
             "loading":   Out(1),
             "load_slot": Out(slot),
-            "lookup":    In(stream.Signature(self.tag)),
+            "lookup":    In(stream.Signature(self.lookup_beat)),
             "found":     Out(stream.Signature(self.found_beat)),
             "read":      In(stream.Signature(slot)),
             "in_use":    Out(slots),
+            "resident_layer": In(self.tag["layer"].shape),
+            "resident":  Out(experts),
             "silu":      Out(stream.Signature(signed(ACT_BITS))),
             "w":         Out(stream.Signature(beat)),
             "event":     Out(stream.Signature(self.event_beat)),
@@ -184,21 +200,36 @@ class ExpertSlots(wiring.Component):
         ev_free = ~ev.valid | ev.ready
         ev_kind, ev_slot, ev_tag = Signal(EventKind), Signal(self.slot_shape), Signal(self.tag)
 
-        # Read command.
+        # Reads: the running one (`r_*`) and at most one queued behind it (`q_*`). A read is
+        # taken from `read`, or from a claiming lookup that hits, when none is queued.
         r_active = Signal()
         r_slot   = Signal(self.slot_shape)
+        q_valid  = Signal()
+        q_slot   = Signal(self.slot_shape)
         rd = self.read
         rd_exists = rd.payload < S
         rd_valid  = rd_exists & valid.bit_select(rd.payload, 1)
-        rd_ev     = rd.valid & ~r_active & ~rd_valid
-        rd_go     = rd.valid & ~r_active & (rd_valid | ev_free)
-        rd_start  = rd_go & rd_valid
+        rd_ev     = rd.valid & ~q_valid & ~rd_valid
+        rd_go     = rd.valid & ~q_valid & (rd_valid | ev_free)
         m.d.comb += rd.ready.eq(rd_go)
 
-        # Victim: among slots neither in use nor just named by a read, the lowest empty one,
-        # else the least recently used one.
+        lk, fd = self.lookup, self.found
+        hits = Cat(valid[s] & (tags[s] == lk.payload.tag.as_value()) for s in range(S))
+        hit_slot = Signal(self.slot_shape)
+        for s in range(S):
+            with m.If(hits[s]):
+                m.d.comb += hit_slot.eq(s)
+        hit = hits.any()
+        claim_hit = lk.valid & lk.payload.claim & hit       # offered, taken or not
+
+        take      = Signal()                                  # a read of a valid slot is taken
+        take_slot = Signal(self.slot_shape)
+
+        # Victim: among slots neither in use, nor just taken for a read, nor the hit of an
+        # offered claim, the lowest empty one, else the least recently used one.
         busy = Signal(S)
-        m.d.comb += busy.eq(in_use | Mux(rd_start, _onehot(rd.payload, S), 0))
+        m.d.comb += busy.eq(in_use | Mux(rd_go & rd_valid, _onehot(rd.payload, S), 0)
+                            | Mux(claim_hit, _onehot(hit_slot, S), 0))
         found_victim, victim = Const(0), Const(0, self.slot_shape)
         victim_empty, victim_age = Const(0), Const(0)
         for s in range(S):
@@ -265,31 +296,35 @@ class ExpertSlots(wiring.Component):
         with m.If(w_wr.en):
             m.d.sync += w_addr.eq(w_addr + 1)
 
-        # LRU order: a commit's slot, then a read's slot, become the most recent.
-        for s in range(S):
-            older = ((commit & (ages[load_slot] < ages[s])).as_unsigned()
-                     + (rd_start & (ages[rd.payload] < ages[s])).as_unsigned())
-            with m.If(rd_start & (rd.payload == s)):
-                m.d.sync += ages[s].eq(S - 1)
-            with m.Elif(commit & (load_slot == s)):
-                m.d.sync += ages[s].eq(S - 1 - rd_start)
-            with m.Else():
-                m.d.sync += ages[s].eq(ages[s] - older)
-
-        # Lookup.
-        lk, fd = self.lookup, self.found
-        hits = Cat(valid[s] & (tags[s] == lk.payload.as_value()) for s in range(S))
-        hit_slot = Signal(self.slot_shape)
-        for s in range(S):
-            with m.If(hits[s]):
-                m.d.comb += hit_slot.eq(s)
-        hit = hits.any()
-        lk_go = lk.valid & (~fd.valid | fd.ready) & (~hit | (ev_free & ~rd_ev & ~(ld_go & ld_ev)))
+        # Lookup: a claiming hit is also a read, so it waits while a read is queued or offered.
+        lk_go = (lk.valid & (~fd.valid | fd.ready)
+                 & (~hit | (ev_free & ~rd_ev & ~(ld_go & ld_ev)))
+                 & ~(lk.payload.claim & hit & (q_valid | rd.valid)))
         m.d.comb += lk.ready.eq(lk_go)
         with m.If(lk_go):
             m.d.sync += [fd.valid.eq(1), fd.payload.hit.eq(hit), fd.payload.slot.eq(hit_slot)]
         with m.Elif(fd.ready):
             m.d.sync += fd.valid.eq(0)
+        with m.If(rd_go & rd_valid):
+            m.d.comb += [take.eq(1), take_slot.eq(rd.payload)]
+        with m.Elif(lk_go & claim_hit):
+            m.d.comb += [take.eq(1), take_slot.eq(hit_slot)]
+
+        # LRU order: a commit's slot, then a taken read's slot, become the most recent.
+        for s in range(S):
+            older = ((commit & (ages[load_slot] < ages[s])).as_unsigned()
+                     + (take & (ages[take_slot] < ages[s])).as_unsigned())
+            with m.If(take & (take_slot == s)):
+                m.d.sync += ages[s].eq(S - 1)
+            with m.Elif(commit & (load_slot == s)):
+                m.d.sync += ages[s].eq(S - 1 - take)
+            with m.Else():
+                m.d.sync += ages[s].eq(ages[s] - older)
+
+        layer_bits = self.tag["layer"].shape.width
+        for s in range(S):
+            with m.If(valid[s] & (tags[s][:layer_bits] == self.resident_layer)):
+                m.d.comb += self.resident.bit_select(tags[s][layer_bits:], 1).eq(1)
 
         # Events and counters.
         with m.If(rd_go & rd_ev):
@@ -299,7 +334,7 @@ class ExpertSlots(wiring.Component):
                          ev_slot.eq(Mux(loading, load_slot, victim)),
                          ev_tag.eq(Mux(loading, load_tag, tags[victim]))]
         with m.Else():
-            m.d.comb += [ev_kind.eq(EventKind.HIT), ev_slot.eq(hit_slot), ev_tag.eq(lk.payload)]
+            m.d.comb += [ev_kind.eq(EventKind.HIT), ev_slot.eq(hit_slot), ev_tag.eq(lk.payload.tag)]
         send = (rd_go & rd_ev) | (ld_go & ld_ev) | (lk_go & hit)
         with m.If(send):
             m.d.sync += [ev.valid.eq(1), ev.payload.kind.eq(ev_kind), ev.payload.slot.eq(ev_slot),
@@ -313,13 +348,21 @@ class ExpertSlots(wiring.Component):
         with m.Elif(ev.ready):
             m.d.sync += ev.valid.eq(0)
 
-        # Read-out.
+        # Read-out of the running read; the queued one starts when it ends.
         silu_i = Signal(range(SILU_ENTRIES + 1))
         w_left = Signal(range(cap + 1))
         r_addr = Signal(range(S * cap + 1))
-        with m.If(rd_start):
-            m.d.sync += [r_active.eq(1), r_slot.eq(rd.payload), silu_i.eq(0),
-                         w_left.eq(counts[rd.payload]), r_addr.eq(rd.payload * cap)]
+        ending = Signal()
+        m.d.comb += ending.eq(r_active & (silu_i == SILU_ENTRIES) & ~self.silu.valid
+                              & (w_left == 0) & ~self.w.valid)
+        next_slot = Mux(q_valid, q_slot, take_slot)
+        with m.If(~r_active | ending):
+            m.d.sync += [r_active.eq(q_valid | take), q_valid.eq(0)]
+            with m.If(q_valid | take):
+                m.d.sync += [r_slot.eq(next_slot), silu_i.eq(0),
+                             w_left.eq(counts[next_slot]), r_addr.eq(next_slot * cap)]
+        with m.Elif(take):
+            m.d.sync += [q_valid.eq(1), q_slot.eq(take_slot)]
         with m.If(read_stage(m, silu_rd, self.silu.valid, self.silu.ready,
                               r_active & (silu_i != SILU_ENTRIES))):
             m.d.sync += silu_i.eq(silu_i + 1)
@@ -330,9 +373,6 @@ class ExpertSlots(wiring.Component):
             w_rd.addr.eq(r_addr),
             self.silu.payload.eq(silu_rd.data),
             self.w.payload.eq(w_rd.data),
-            in_use.eq(Mux(r_active, _onehot(r_slot, S), 0)),
+            in_use.eq(Mux(r_active, _onehot(r_slot, S), 0) | Mux(q_valid, _onehot(q_slot, S), 0)),
         ]
-        with m.If(r_active & (silu_i == SILU_ENTRIES) & ~self.silu.valid
-                  & (w_left == 0) & ~self.w.valid):
-            m.d.sync += r_active.eq(0)
         return m

@@ -65,6 +65,13 @@ class Slots:
     def tag_of(self, bits):
         return bits & ((1 << self.layer_bits) - 1), bits >> self.layer_bits
 
+    def lookup_bits(self, tag, claim):
+        return self.tag_bits(tag) | claim << self.hw.tag.size
+
+    def lookup_of(self, bits):
+        """``(tag, claim)`` of a lookup payload."""
+        return self.tag_of(bits & ((1 << self.hw.tag.size) - 1)), bool(bits >> self.hw.tag.size)
+
     def send(self, name, payload):
         self.sources[name].send_nowait(beat(payload))
 
@@ -93,7 +100,7 @@ class Monitor:
     def __init__(self, slots, model):
         self.slots, self.model, self.dut = slots, model, slots.dut
         self.events, self.found, self.silu, self.w = [], [], [], []
-        self.reading = None           # [slot, beats not yet taken] of the running read
+        self.reading = []             # [slot, beats not yet taken] of the running, queued reads
         self.running = True
         cocotb.start_soon(self._watch())
 
@@ -121,8 +128,11 @@ class Monitor:
             if op == LoadOp.BEGIN:
                 value = s.tag_of(value & ((1 << s.hw.tag.size) - 1))
             cycle["load"] = (op, value)
+        cycle["claim"] = False
         if cycle["lookup"] is not None:
-            cycle["lookup"] = s.tag_of(cycle["lookup"])
+            cycle["lookup"], cycle["claim"] = s.lookup_of(cycle["lookup"])
+        offered, claim = s.lookup_of(int(dut.lookup__payload.value))
+        cycle["offered"] = offered if dut.lookup__valid.value == 1 and claim else None
         return cycle
 
     def _apply(self, cycle, after):
@@ -134,20 +144,23 @@ class Monitor:
         if load is not None and load[0] == LoadOp.WORD and model.load is not None:
             assert model.load[0] not in cycle["busy"], "a word was written into a slot in use"
         event, found, contents, victim = model.cycle(
-            in_use=cycle["busy"], load=load, read=cycle["read"], lookup=cycle["lookup"])
+            in_use=cycle["busy"], load=load, read=cycle["read"], lookup=cycle["lookup"],
+            claim=cycle["claim"], offered=cycle["offered"])
         if victim is not None:
             assert after["loading"] and after["load_slot"] == victim
-        if self.reading is not None:
-            assert self.reading[0] in cycle["busy"], "a slot was released before its last beat"
-            self.reading[1] -= cycle["beats"]
-            if not self.reading[1]:
-                self.reading = None
+        for slot, _ in self.reading:
+            assert slot in cycle["busy"], "a slot was released before its last beat"
+        if self.reading:
+            self.reading[0][1] -= cycle["beats"]
+            if not self.reading[0][1]:
+                self.reading.pop(0)
         if event is not None:
             self.events.append(event)
         if found is not None:
             self.found.append(found)
         if contents is not None:
-            self.reading = [cycle["read"], len(contents[0]) + len(contents[1])]
+            slot = cycle["read"] if cycle["read"] is not None else found[1]
+            self.reading.append([slot, len(contents[0]) + len(contents[1])])
             self.silu += [word & 0xff for word in contents[0]]
             self.w += [word & ((1 << s.beat_bits) - 1) for word in contents[1]]
 
@@ -190,7 +203,8 @@ async def _idle(dut):
 
 @cocotb.test(**_TIMEOUT)
 async def random_traffic(dut):
-    """Loads, reads and lookups at once, with 30 % stalls everywhere."""
+    """Loads, reads and lookups (30 % of them claiming) at once, with 30 % stalls
+    everywhere."""
     await start(dut)
     s = Slots(dut, seed=1, stall=0.3)
     cap = s.hw.capacity
@@ -223,8 +237,8 @@ async def random_traffic(dut):
     tasks = [cocotb.start_soon(loader()),
              cocotb.start_soon(requests("read", 50, 600,
                                         lambda: rng.randrange(1 << s.hw.slot_shape.width))),
-             cocotb.start_soon(requests("lookup", 200, 150,
-                                        lambda: s.tag_bits(rng.choice(tags))))]
+             cocotb.start_soon(requests("lookup", 200, 150, lambda: s.lookup_bits(
+                 rng.choice(tags), rng.random() < 0.3)))]
     for task in tasks:
         await task
     await _idle(dut)

@@ -24,8 +24,9 @@ class SlotsModel:
     """The slots' table, LRU order and contents, updated as the hardware does in one cycle.
 
     :meth:`cycle` takes what transferred in one clock cycle (a load beat, a read command, a
-    lookup) and the ``in_use`` bits before it, and returns what the hardware answers: the
-    event, the lookup result, the read's contents.
+    lookup, claiming or not), the ``in_use`` bits before it and the tag of a claiming lookup
+    offered in that cycle, and returns what the hardware answers: the event, the lookup result,
+    the read's contents.
     """
 
     def __init__(self, slots, capacity):
@@ -58,11 +59,13 @@ class SlotsModel:
                 return True, s
         return False, 0
 
-    def cycle(self, *, in_use=(), load=None, read=None, lookup=None):
+    def cycle(self, *, in_use=(), load=None, read=None, lookup=None, claim=False, offered=None):
         """Apply one cycle's transfers. ``load`` is ``(op, data)`` (a tag for a begin, a word
-        otherwise), ``read`` a slot, ``lookup`` a tag. Returns ``(event, found, contents,
-        victim)``: the event ``(kind, slot, tag)`` or None, the lookup's ``(hit, slot)`` or
-        None, the read's ``(silu, weights)`` or None, the slot a begin chose or None."""
+        otherwise), ``read`` a slot, ``lookup`` a tag (a claiming one if ``claim``), ``offered``
+        the tag of a claiming lookup offered in the cycle, taken or not. Returns ``(event,
+        found, contents, victim)``: the event ``(kind, slot, tag)`` or None, the lookup's
+        ``(hit, slot)`` or None, the contents ``(silu, weights)`` of the read taken (from
+        ``read`` or a claiming hit) or None, the slot a begin chose or None."""
         event = found = contents = victim = None
         commit = None
         if read is not None:
@@ -71,6 +74,13 @@ class SlotsModel:
             else:
                 event = (EventKind.REFUSED, read, None)
         busy = set(in_use) | ({read} if contents is not None else set())
+        if offered is not None and self.lookup(offered)[0]:
+            busy.add(self.lookup(offered)[1])
+        if lookup is not None:
+            found = self.lookup(lookup)
+            if found[0] and claim:
+                assert read is None, "a claiming hit was taken with a read"
+                read, contents = found[1], self.contents[found[1]]
         if load is not None:
             op, value = load
             if self.load is None and op == LoadOp.BEGIN:
@@ -94,10 +104,8 @@ class SlotsModel:
                     self.contents[slot] = (words[:SILU_ENTRIES], words[SILU_ENTRIES:])
                     commit = slot
                 self.load = None
-        if lookup is not None:
-            found = self.lookup(lookup)
-            if found[0]:
-                event = (EventKind.HIT, found[1], lookup)
+        if found is not None and found[0]:
+            event = (EventKind.HIT, found[1], lookup)
         if commit is not None:
             self._touch(commit)
         if contents is not None:
@@ -108,9 +116,10 @@ class SlotsModel:
 
 
 def _run_sequential(dut, ops, model):
-    """Run ``ops`` one at a time (each waits for its answer) and check every answer against
-    ``model``: ``("load", tag, n_weights, commit)``, ``("lookup", tag)``, ``("read", slot)``.
-    Returns the victim slot of every load."""
+    """Run ``ops`` one at a time (each waits for its answer) and check every answer, and the
+    residency of layers 0 and 1 before each, against ``model``. ``ops``: ``("load", tag,
+    n_weights, commit)``, ``("lookup", tag)``, ``("claim", tag)`` (a claiming lookup: a hit
+    is read out), ``("read", slot)``. Returns the victim slot of every load."""
     rng = np.random.default_rng(1)
     victims = []
     beat_mask = (1 << dut.params.engine.weight_beat.size) - 1
@@ -135,8 +144,23 @@ def _run_sequential(dut, ops, model):
         if expected[2] is not None:
             assert tag == expected[2]
 
+    async def read_out(ctx, contents):
+        silu = [await take(ctx, dut.silu) for _ in range(SILU_ENTRIES)]
+        assert [int(v) & 0xff for v in silu] == [w & 0xff for w in contents[0]]
+        weights = [await take(ctx, dut.w) for _ in contents[1]]
+        assert [w.as_bits() for w in weights] == contents[1]
+        await ctx.tick().until(dut.in_use == 0)
+
+    def check_resident(ctx):
+        for layer in range(2):
+            ctx.set(dut.resident_layer, layer)
+            expected = sum(1 << tag[1] for tag, valid in zip(model.tags, model.valid, strict=True)
+                           if valid and tag[0] == layer)
+            assert ctx.get(dut.resident) == expected, (layer, model.tags, model.valid)
+
     async def bench(ctx):
         for op in ops:
+            check_resident(ctx)
             if op[0] == "load":
                 _, tag, n_weights, commit = op
                 evt, _, _, victim = model.cycle(load=(LoadOp.BEGIN, tag))
@@ -155,24 +179,24 @@ def _run_sequential(dut, ops, model):
                 evt, *_ = model.cycle(load=(end, 0))
                 await put(ctx, dut.load, {"op": end, "data": 0})
                 await event(ctx, evt)
-            elif op[0] == "lookup":
-                evt, found, *_ = model.cycle(lookup=op[1])
-                await put(ctx, dut.lookup, {"layer": op[1][0], "expert": op[1][1]})
+            elif op[0] in ("lookup", "claim"):
+                claim = op[0] == "claim"
+                evt, found, contents, _ = model.cycle(lookup=op[1], claim=claim)
+                await put(ctx, dut.lookup, {"tag": {"layer": op[1][0], "expert": op[1][1]},
+                                            "claim": claim})
                 got = await take(ctx, dut.found)
                 assert (bool(got.hit), int(got.slot) if got.hit else 0) == found
                 if evt is not None:
                     await event(ctx, evt)
+                if contents is not None:
+                    await read_out(ctx, contents)
             else:
                 evt, _, contents, _ = model.cycle(read=op[1])
                 await put(ctx, dut.read, op[1])
                 if evt is not None:
                     await event(ctx, evt)
                     continue
-                silu = [await take(ctx, dut.silu) for _ in range(SILU_ENTRIES)]
-                assert [int(v) & 0xff for v in silu] == [w & 0xff for w in contents[0]]
-                weights = [await take(ctx, dut.w) for _ in contents[1]]
-                assert [w.as_bits() for w in weights] == contents[1]
-                await ctx.tick().until(dut.in_use == 0)
+                await read_out(ctx, contents)
         counters = ctx.get(dut.counters)
         assert [counters.loads, counters.hits, counters.evictions, counters.aborts,
                 counters.refused] == [model.counts[k] for k in EventKind]
@@ -186,12 +210,13 @@ def _run_sequential(dut, ops, model):
 
 def test_lru_victims():
     """Four slots: empty slots fill lowest first; then the least recently used goes, where a
-    read refreshes a slot and a lookup does not; an aborted slot is refilled first; a reload
-    of a resident tag empties its old slot; reads of empty slots are refused."""
+    read (or a claiming lookup's) refreshes a slot and a plain lookup does not; an aborted
+    slot is refilled first; a reload of a resident tag empties its old slot; reads of empty
+    slots are refused."""
     dut = ExpertSlots(ExpertFfnParams(**TINY), slots=4, layers=2, experts=8)
     model = SlotsModel(4, dut.capacity)
     ops = [("load", (0, e), 3, True) for e in range(4)]          # slots 0..3 in order
-    ops += [("read", 0), ("lookup", (0, 1)), ("read", 2)]         # LRU order now 1, 3, 0, 2
+    ops += [("read", 0), ("lookup", (0, 1)), ("claim", (0, 2))]   # LRU order now 1, 3, 0, 2
     ops += [("load", (1, 5), 64, True)]                            # evicts (0, 1) from slot 1
     ops += [("lookup", (0, 1)), ("lookup", (1, 5)), ("read", 1)]
     ops += [("load", (1, 6), 2, False), ("read", 3)]               # aborted: slot 3 empty
@@ -205,19 +230,20 @@ def test_lru_victims():
 
 @pytest.mark.parametrize("slots", [1, 3])
 def test_random_sequential(slots):
-    """Random loads (committed, aborted, too short), lookups and reads, one at a time."""
+    """Random loads (committed, aborted, too short), lookups, claims and reads, one at a
+    time."""
     rng = np.random.default_rng(slots)
     dut = ExpertSlots(ExpertFfnParams(**TINY), slots=slots, layers=2, experts=4)
     model = SlotsModel(slots, dut.capacity)
     ops = []
     for _ in range(30):
         tag = (int(rng.integers(2)), int(rng.integers(4)))
-        kind = rng.integers(3)
+        kind = rng.integers(4)
         if kind == 0:
             ops.append(("load", tag, int(rng.choice([0, 1, 7, dut.capacity])),
                         bool(rng.random() < 0.8)))
-        elif kind == 1:
-            ops.append(("lookup", tag))
+        elif kind in (1, 2):
+            ops.append((("lookup", "claim")[kind - 1], tag))
         else:
             ops.append(("read", int(rng.integers(1 << dut.slot_shape.width))))
     _run_sequential(dut, ops, model)
