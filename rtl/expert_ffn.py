@@ -212,6 +212,8 @@ class ExpertFFN(wiring.Component):
     x : In(stream.Signature(params.engine.activation_beat))
     w : In(stream.Signature(params.engine.weight_beat))
     o : Out(stream.Signature(params.output_beat))
+    issue : Out(1)
+        The engine's ``issue``: ``lanes * n`` multiplies in this cycle.
     """
 
     #: Cycles of an expert command beyond its loads and the engine's beats (docs/ffn.md).
@@ -226,6 +228,7 @@ class ExpertFFN(wiring.Component):
             "x":    In(stream.Signature(p.engine.activation_beat)),
             "w":    In(stream.Signature(p.engine.weight_beat)),
             "o":    Out(stream.Signature(p.output_beat)),
+            "issue": Out(1),
         })
 
     def cycles(self, tokens, hidden, ffn):
@@ -250,6 +253,7 @@ class ExpertFFN(wiring.Component):
         m.submodules.combiner = combiner = Combiner(lanes=P, max_tokens=p.max_tokens,
                                                     hidden=p.hidden)
         wiring.connect(m, wiring.flipped(self.w), engine.w)
+        m.d.comb += self.issue.eq(engine.issue)
         wiring.connect(m, combiner.o, wiring.flipped(self.o))
         rq1 = [Requantizer(p.acc_bits, OUT_BITS, SHIFT_BITS + 1) for _ in range(P)]
         rq2 = [Requantizer(ACT_BITS + UP_BITS, ACT_BITS, SHIFT_BITS) for _ in range(P)]

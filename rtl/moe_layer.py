@@ -49,15 +49,16 @@ class MoeLayer(wiring.Component):
     weights and multipliers are those of ``layer`` and each requested expert is answered with
     its record (``host.pack.pack_expert``).
 
-    Schedule (sequential, one batch at a time): (1) take the batch on ``s_tokens``, each value
-    into the token memory and into the router; collect the picks and shared-gate weights;
-    (2) for each routed expert 0..E-1 with at least one token, then the shared expert: scan the
-    picks for its tokens (one cycle per token), look it up in the slots; on a miss send a
-    request on ``m_request`` and look it up again until the loader has committed it; read the
-    slot into the FFN and send the FFN its command (from the loader's per-slot table), the
-    tokens' metadata and their int8 values; (3) send the emit command and forward the outputs
-    on ``m_result``. The next expert's scan and lookup overlap the previous expert's compute;
-    a load does not (the controller waits for it before going on).
+    Schedule (one batch at a time): (1) take the batch on ``s_tokens``, each value into the
+    token memory and into the router; collect the picks, the shared-gate weights and the set of
+    experts the batch needs; (2) run each needed expert once, those resident at that point
+    first, then the others, each group in index order with the shared expert last. A *fetcher*
+    walks that order one expert ahead of the FFN: a claiming lookup reads a resident expert out
+    of its slot (queued behind the running read); a missing one is requested on ``m_request``
+    and looked up until the loader has committed it, so its load overlaps the compute of the
+    expert before it. A *feeder* takes each fetched expert, scans the picks for its tokens and
+    sends the FFN its command (from the loader's per-slot table), the tokens' metadata and
+    their int8 values; (3) send the emit command and forward the outputs on ``m_result``.
 
     Parameters
     ----------
@@ -90,6 +91,9 @@ class MoeLayer(wiring.Component):
     normalize : In(1)
     layer : In(16)
         The layer of the batch; part of the expert tags. Held while a batch runs.
+    load_timeout : In(32)
+        Cycles to wait for a requested record before abandoning the batch (its outputs are then
+        zeros flagged on ``m_result.tuser``, and it counts in ``timeouts``); 0 waits forever.
     s_tokens : In(AXI-Stream, 24 data bits)
         The batch: ``TokenBeat`` (value, int16, bits 0-15; exponent, signed 8, bits 16-23), one
         beat per value, token by token, ``hidden`` beats per token, ``tlast`` on the batch's
@@ -104,17 +108,17 @@ class MoeLayer(wiring.Component):
         resident.
     m_result : Out(AXI-Stream, ``32 * lanes`` data bits)
         The outputs, token by token, ``lanes`` int32 elements a beat (element ``b * lanes + p``
-        in lane p of beat b), ``tlast`` on the batch's last beat, ``tuser`` set on every beat of
-        a malformed batch.
+        in lane p of beat b), ``tlast`` on the batch's last beat. On every beat of a malformed
+        or abandoned batch ``tuser`` is set and the data are zeros.
     busy : Out(1)
         A batch is in flight (from its first token beat to its last result beat).
     counters : Out(StructLayout({"cycles", "compute", "stall", "loads", "hits", "rejected",
-        "malformed"}))
-        32-bit wrapping counts since reset: cycles with ``busy``, cycles in which the FFN runs
-        an expert command, cycles in which the FFN is idle while the controller waits for a
-        requested expert (request and lookups until it is committed), requests sent,
-        experts found resident at their first lookup, loader records not ``OK``, and
-        malformed batches.
+        "malformed", "multiplies", "timeouts"}))
+        32-bit wrapping counts since reset: cycles with ``busy``; cycles in which the FFN runs
+        an expert command; cycles in which the FFN is idle, the feeder has no expert and the
+        fetcher waits for a requested record; requests sent; experts found resident at their
+        first lookup; loader records not ``OK``; malformed batches; multiplies the engine did
+        (``lanes * n`` per engine beat); batches abandoned on ``load_timeout``.
     """
 
     def __init__(self, params, *, hidden, experts, top_k, slots, shared=True, shared_gate=True,
@@ -138,12 +142,13 @@ class MoeLayer(wiring.Component):
         self.counters_layout = data.StructLayout({
             name: unsigned(COUNTER_BITS)
             for name in ("cycles", "compute", "stall", "loads", "hits", "rejected",
-                         "malformed")})
+                         "malformed", "multiplies", "timeouts")})
         members = {
             "s_router":    In(_axis(TOKEN_BITS, last=False)),
             "router_mult": In(Multiplier),
             "normalize":   In(1),
             "layer":       In(16),
+            "load_timeout": In(COUNTER_BITS),
             "s_tokens":    In(_axis(TokenBeat.as_shape().size)),
             "s_expert":    In(AXIS_BYTES),
             "m_request":   Out(_axis(RequestBeat.as_shape().size)),
@@ -242,9 +247,11 @@ class MoeLayer(wiring.Component):
             with m.If(value == d - 1):
                 m.d.sync += [value.eq(0), n_tokens.eq(n_tokens + 1), pad.eq(0)]
 
+        need = Signal(E + 1)                          # experts the batch runs
         m.d.comb += router.o.ready.eq(1)
         with m.If(router.o.valid):
-            m.d.sync += [pick_e[routed][pick_j].eq(router.o.payload.expert),
+            m.d.sync += [need.bit_select(router.o.payload.expert, 1).eq(1),
+                         pick_e[routed][pick_j].eq(router.o.payload.expert),
                          pick_w[routed][pick_j].eq(router.o.payload.weight),
                          pick_j.eq(pick_j + 1)]
             with m.If(pick_j == K - 1):
@@ -256,8 +263,91 @@ class MoeLayer(wiring.Component):
             with m.If(router.shared.valid):
                 m.d.sync += [gates[routed].eq(router.shared.payload), routed.eq(routed + 1)]
 
-        # One expert's share of the batch: its tokens (list) and their weights.
+        # The schedule: each needed expert runs once; those resident when the batch is routed
+        # first, then the others, each group in index order (E, the shared expert, last).
+        resident = Signal(E + 1)
+        m.d.comb += slots.resident_layer.eq(self.layer)
+
+        # The fetcher walks the experts in that order: a claiming lookup reads a resident one
+        # out into the FFN (queued behind the running read) and hands it to the feeder; a
+        # missing one is requested, then looked up until the loader has committed it. A claim
+        # waits until the feeder has taken the previous hand-off, so the fetcher runs at most
+        # one expert ahead of the FFN: the load of the next expert overlaps the current one.
+        fetch_left = Signal(E + 1)                    # experts not yet handed off
+        fetching   = Signal(range(E + 1))
+        first_pick = Signal(E + 1)
+        m.d.comb += first_pick.eq(Mux((fetch_left & resident).any(), fetch_left & resident,
+                                      fetch_left))
+        next_item = Signal(range(E + 1))
+        for e in reversed(range(E + 1)):
+            with m.If(first_pick[e]):
+                m.d.comb += next_item.eq(e)
+        handed    = Signal()                          # the hand-off register is full
+        hand_item = Signal(range(E + 1))
+        hand_slot = Signal.like(slots.found.payload.slot)
+        requested = Signal()                          # the expert being fetched was requested
+        waited    = Signal(COUNTER_BITS)              # cycles since that request
+        abandoned = Signal()                          # a requested record did not come in time
+        start_fetch = Signal()
+        fetch_done  = Signal()
+        waiting     = Signal()                        # on a requested record
+        request     = RequestBeat(self.m_request.tdata)
+        lookup      = slots.lookup.payload
+        m.d.comb += [
+            lookup.tag.layer.eq(self.layer),
+            lookup.tag.expert.eq(fetching),
+            lookup.claim.eq(1),
+            request.layer.eq(self.layer),
+            request.expert.eq(Mux(fetching == E, SHARED_EXPERT, fetching)),
+            self.m_request.tlast.eq(1),
+        ]
+        with m.If(requested):
+            m.d.sync += waited.eq(waited + 1)
+        with m.FSM(name="fetch"):
+            with m.State("IDLE"):
+                with m.If(start_fetch):
+                    m.next = "NEXT"
+            with m.State("NEXT"):
+                m.d.sync += [fetching.eq(next_item), requested.eq(0)]
+                with m.If(fetch_left == 0):
+                    m.next = "DONE"
+                with m.Else():
+                    m.next = "LOOKUP"
+            with m.State("LOOKUP"):
+                m.d.comb += [slots.lookup.valid.eq(~handed), waiting.eq(requested)]
+                with m.If(slots.lookup.valid & slots.lookup.ready):
+                    m.next = "FOUND"
+            with m.State("FOUND"):
+                m.d.comb += [slots.found.ready.eq(1), waiting.eq(requested)]
+                with m.If(slots.found.valid & slots.found.payload.hit):
+                    m.d.sync += [handed.eq(1), hand_item.eq(fetching),
+                                 hand_slot.eq(slots.found.payload.slot),
+                                 fetch_left.bit_select(fetching, 1).eq(0)]
+                    with m.If(~requested):
+                        m.d.sync += count.hits.eq(count.hits + 1)
+                    m.next = "NEXT"
+                with m.Elif(slots.found.valid & ~requested):
+                    m.next = "REQUEST"
+                with m.Elif(slots.found.valid & (self.load_timeout != 0)
+                            & (waited >= self.load_timeout)):
+                    m.d.sync += [abandoned.eq(1), count.timeouts.eq(count.timeouts + 1)]
+                    m.next = "DONE"
+                with m.Elif(slots.found.valid):
+                    m.next = "LOOKUP"
+            with m.State("REQUEST"):
+                m.d.comb += [self.m_request.tvalid.eq(1), waiting.eq(1)]
+                with m.If(self.m_request.tready):
+                    m.d.sync += [requested.eq(1), waited.eq(0), count.loads.eq(count.loads + 1)]
+                    m.next = "LOOKUP"
+            with m.State("DONE"):
+                m.d.comb += fetch_done.eq(1)
+                m.d.sync += requested.eq(0)
+                with m.If(start_fetch):
+                    m.next = "NEXT"
+
+        # The feeder: for each handed-off expert, its tokens (list) and their weights.
         expert   = Signal(range(E + 1))               # E is the shared expert
+        slot     = Signal.like(hand_slot)
         scan     = Signal(range(T + 1))
         n_list   = Signal(range(T + 1))
         list_tok = Array(Signal(tok_bits, name=f"list_tok{i}") for i in range(T))
@@ -271,19 +361,10 @@ class MoeLayer(wiring.Component):
             for j in range(K):
                 with m.If(pick_e[scan][j] == expert):
                     m.d.comb += [match.eq(1), weight.eq(pick_w[scan][j])]
-        last_expert = E if self.shared else E - 1
-
-        slot      = Signal.like(slots.read.payload)
-        requested = Signal()                          # the expert was requested: a load
-        stalled   = Signal()
-        request   = RequestBeat(self.m_request.tdata)
-        emitted   = Signal()
-        m.d.comb += [
-            slots.lookup.payload.layer.eq(self.layer),
-            slots.lookup.payload.expert.eq(expert),
-            loader.info_slot.eq(slot),
-            slots.read.payload.eq(slot),
-        ]
+        emitted = Signal()
+        starved = Signal()                            # the feeder waits for a hand-off
+        flagged = Signal()                            # the batch's outputs are not valid
+        m.d.comb += [loader.info_slot.eq(slot), flagged.eq(bad | abandoned)]
 
         # Feeding one expert: meta beats and the int8 tokens from the token memory.
         meta_n = Signal(range(T + 1))
@@ -309,61 +390,34 @@ class MoeLayer(wiring.Component):
         with m.FSM():
             with m.State("IDLE"):
                 m.d.sync += [n_tokens.eq(0), routed.eq(0), word.eq(0), value.eq(0),
-                             expert.eq(0), emitted.eq(0), taking.eq(1), bad.eq(0)]
+                             need.eq(int(self.shared) << E), emitted.eq(0), taking.eq(1),
+                             bad.eq(0), abandoned.eq(0)]
                 m.next = "TAKE"
             with m.State("TAKE"):
                 with m.If(~taking & ~pad & (routed == n_tokens)):
-                    m.d.sync += [scan.eq(0), n_list.eq(0)]
                     with m.If(bad):
                         m.d.sync += count.malformed.eq(count.malformed + 1)
                         m.next = "EMIT"
                     with m.Else():
-                        m.next = "SCAN"
+                        m.d.comb += start_fetch.eq(1)
+                        m.d.sync += [fetch_left.eq(need), resident.eq(slots.resident & need)]
+                        m.next = "NEXT"
+            with m.State("NEXT"):
+                m.d.comb += starved.eq(~handed)
+                with m.If(handed):
+                    m.d.sync += [handed.eq(0), expert.eq(hand_item), slot.eq(hand_slot),
+                                 scan.eq(0), n_list.eq(0)]
+                    m.next = "SCAN"
+                with m.Elif(fetch_done):
+                    m.next = "EMIT"
             with m.State("SCAN"):
                 with m.If(scan == n_tokens):
-                    with m.If(n_list != 0):
-                        m.d.sync += requested.eq(0)
-                        m.next = "LOOKUP"
-                    with m.Elif(expert == last_expert):
-                        m.next = "EMIT"
-                    with m.Else():
-                        m.d.sync += [expert.eq(expert + 1), scan.eq(0)]
+                    m.next = "COMMAND"
                 with m.Else():
                     m.d.sync += scan.eq(scan + 1)
                     with m.If(match):
                         m.d.sync += [list_tok[n_list].eq(scan), list_w[n_list].eq(weight),
                                      n_list.eq(n_list + 1)]
-            with m.State("LOOKUP"):
-                m.d.comb += [slots.lookup.valid.eq(1), stalled.eq(requested)]
-                with m.If(slots.lookup.ready):
-                    m.next = "FOUND"
-            with m.State("FOUND"):
-                m.d.comb += [slots.found.ready.eq(1), stalled.eq(requested)]
-                with m.If(slots.found.valid):
-                    with m.If(slots.found.payload.hit):
-                        m.d.sync += slot.eq(slots.found.payload.slot)
-                        with m.If(~requested):
-                            m.d.sync += count.hits.eq(count.hits + 1)
-                        m.next = "READ"
-                    with m.Elif(requested):
-                        m.next = "LOOKUP"
-                    with m.Else():
-                        m.next = "REQUEST"
-            with m.State("REQUEST"):
-                m.d.comb += [
-                    stalled.eq(1),
-                    self.m_request.tvalid.eq(1),
-                    self.m_request.tlast.eq(1),
-                    request.layer.eq(self.layer),
-                    request.expert.eq(Mux(expert == E, SHARED_EXPERT, expert)),
-                ]
-                with m.If(self.m_request.tready):
-                    m.d.sync += [requested.eq(1), count.loads.eq(count.loads + 1)]
-                    m.next = "LOOKUP"
-            with m.State("READ"):
-                m.d.comb += slots.read.valid.eq(1)
-                with m.If(slots.read.ready):
-                    m.next = "COMMAND"
             with m.State("COMMAND"):
                 m.d.comb += [
                     ffn.cmd.valid.eq(1),
@@ -392,12 +446,7 @@ class MoeLayer(wiring.Component):
                         with m.If(x_word == words - 1):
                             m.d.sync += [x_word.eq(0), x_n.eq(x_n + 1)]
                 with m.If((meta_n == n_list) & (x_n == n_list) & ~x_valid):
-                    m.d.sync += [scan.eq(0), n_list.eq(0)]
-                    with m.If(expert == last_expert):
-                        m.next = "EMIT"
-                    with m.Else():
-                        m.d.sync += expert.eq(expert + 1)
-                        m.next = "SCAN"
+                    m.next = "NEXT"
             with m.State("EMIT"):
                 m.d.comb += [
                     ffn.cmd.valid.eq(1),
@@ -410,9 +459,9 @@ class MoeLayer(wiring.Component):
                     m.next = "RESULT"
             with m.State("RESULT"):
                 m.d.comb += [
-                    self.m_result.tdata.eq(ffn.o.payload),
+                    self.m_result.tdata.eq(Mux(flagged, 0, ffn.o.payload.as_value())),
                     self.m_result.tvalid.eq(ffn.o.valid),
-                    self.m_result.tuser.eq(bad),
+                    self.m_result.tuser.eq(flagged),
                     self.m_result.tlast.eq((out_token == n_tokens - 1)
                                            & (out_block == d // P - 1)),
                     ffn.o.ready.eq(self.m_result.tready),
@@ -432,6 +481,8 @@ class MoeLayer(wiring.Component):
         m.d.comb += computing.eq(self.busy & ~ffn.cmd.ready & ~emitted)
         with m.If(computing):
             m.d.sync += count.compute.eq(count.compute + 1)
-        with m.If(stalled & ~computing):
+        with m.If(starved & waiting & ~computing):
             m.d.sync += count.stall.eq(count.stall + 1)
+        with m.If(ffn.issue):
+            m.d.sync += count.multiplies.eq(count.multiplies + P * p.engine.n)
         return m

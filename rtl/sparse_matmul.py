@@ -200,6 +200,8 @@ class SparseMatmulEngine(wiring.Component):
         Weights of a run command.
     o : Out(stream.Signature(params.output_beat))
         Results of a run command: per row block, per token, the ``lanes`` rows.
+    issue : Out(1)
+        A weight beat enters the lanes in this cycle: ``lanes * n`` multiplies.
     """
 
     #: Cycles from accepting a run command to sending its last result, beyond one per beat.
@@ -212,6 +214,7 @@ class SparseMatmulEngine(wiring.Component):
             "x":   In(stream.Signature(p.activation_beat)),
             "w":   In(stream.Signature(p.weight_beat)),
             "o":   Out(stream.Signature(p.output_beat)),
+            "issue": Out(1),
         })
 
     def elaborate(self, platform):
@@ -258,7 +261,7 @@ class SparseMatmulEngine(wiring.Component):
         # The lanes' pipeline stalls while a result waits on `o`.
         en = Signal()
         m.d.comb += en.eq(~self.o.valid | self.o.ready)
-        issue = Signal()
+        issue = self.issue
         first_token = token == 0
 
         with m.FSM():
