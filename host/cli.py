@@ -26,9 +26,10 @@ from ..hls_models.fidelity import evaluate_layer
 from ..hls_models.quant import GROUP_SIZES, quantize_activations
 from ..hls_models.sparsity import parse_sparsity
 from ..hls_models.synthetic import DEFAULT_MODEL, ensure_default_model
+from .sim_options import SimOptions
 from .storage import layer_storage_table
 
-BACKENDS = ("reference", "model")
+BACKENDS = ("reference", "model", "sim")
 
 #: What ``moefpga eval`` compares when no ``--setting`` is given.
 DEFAULT_SETTINGS = ("int8", "int8/2:4", "int4/g32", "int4/g32/2:4")
@@ -132,17 +133,19 @@ def save_array(path, array):
 
 def check_run(weights, backend, spec, calibration):
     """Refuse, before any work, a run whose shapes or calibration tokens cannot serve."""
-    check_shapes(weights, spec if backend == "model" else QuantSpec(sparsity=spec.sparsity))
-    if backend == "model" and not np.any(calibration):
+    quantized = backend != "reference"
+    check_shapes(weights, spec if quantized else QuantSpec(sparsity=spec.sparsity))
+    if quantized and not np.any(calibration):
         raise MoefpgaError("the calibration tokens are all zero; they cannot set scales")
 
 
-def run_layer(weights, x, backend, spec, calibration):
+def run_layer(weights, x, backend, spec, calibration, simulate=None):
     """The float32 output of an MoE layer's ``weights`` for tokens ``x`` on ``backend``.
 
     The model backend warns (standard error) when requantized values sit at the limits of
-    their widths, the sign that the calibration tokens did not cover these inputs.
-    Call :func:`check_run` first.
+    their widths, the sign that the calibration tokens did not cover these inputs. The sim
+    backend calls ``simulate(int_layer, xq, exp)`` for the int32 outputs and scales them as the
+    model backend does. Call :func:`check_run` first.
     """
     if backend == "reference":
         y = reference.moe_layer(x, prune_layer(weights, spec.sparsity))
@@ -152,10 +155,13 @@ def run_layer(weights, x, backend, spec, calibration):
         return y
     int_layer = quantize_layer(weights, spec, calibration)
     xq, exp = quantize_activations(x)
-    rails = Counter()
-    y = intmodel.moe_layer(xq, exp, int_layer, rails=rails) * int_layer.out_scale
-    _warn_rails(rails)
-    return y.astype(np.float32)
+    if backend == "sim":
+        y = simulate(int_layer, xq, exp)
+    else:
+        rails = Counter()
+        y = intmodel.moe_layer(xq, exp, int_layer, rails=rails)
+        _warn_rails(rails)
+    return (y * int_layer.out_scale).astype(np.float32)
 
 
 #: Fraction of a stage's values at its limits above which ``run`` warns.
@@ -228,11 +234,39 @@ def cmd_run(args):
                    if args.calibration else default_calibration(checkpoint, args.layer))
     weights = checkpoint.moe_layer(args.layer)
     check_run(weights, args.backend, spec, calibration)
-    setting = spec if args.backend == "model" else f"float32 {spec.sparsity}"
+    simulate = _simulator(args, checkpoint, weights, spec) if args.backend == "sim" else None
+    setting = spec if args.backend != "reference" else f"float32 {spec.sparsity}"
     _progress(f"layer {args.layer}: {x.shape[0]} tokens on backend {args.backend}, {setting}")
-    y = run_layer(weights, x, args.backend, spec, calibration)
+    y = run_layer(weights, x, args.backend, spec, calibration, simulate)
     save_array(args.output, y)
     print(f"wrote {args.output}: {y.shape[0]} x {y.shape[1]} float32")
+
+
+def _simulator(args, checkpoint, weights, spec):
+    """The sim backend's ``simulate(int_layer, xq, exp)`` for ``run_layer``: sizes the MoE
+    layer top for the layer (refusing shapes it cannot take before any work), builds it (or
+    takes it from the cache) and runs it, printing the counters summary."""
+    try:
+        from . import sim  # needs the simulation extras (amaranth), only for this backend
+        from .sim_build import verilator_root
+    except ImportError as exc:
+        raise MoefpgaError(f"the sim backend needs the simulation extras ({exc}); install "
+                           "them: pip install 'moefpga[sim]'") from None
+
+    verilator_root()       # no Verilator: refused before any work
+    options = SimOptions(lanes=args.lanes, max_tokens=args.max_tokens, slots=args.slots)
+    hw = sim.hardware_for(weights, spec, num_layers=checkpoint.config.num_layers,
+                          options=options)
+
+    def simulate(int_layer, xq, exp):
+        executable = sim.build(hw, _progress)
+        _progress(f"simulating {len(xq)} tokens in batches of at most {options.max_tokens}")
+        result = sim.run_layer(executable, hw, int_layer, args.layer, xq, exp, _progress)
+        print(f"simulated layer {args.layer}: {len(xq)} tokens in {result.batches} batches")
+        print(sim.format_counters(result.counters, len(xq)))
+        return result.outputs
+
+    return simulate
 
 
 def cmd_eval(args):
@@ -327,6 +361,12 @@ def build_parser():
     p.add_argument("--sparsity", default="dense", help="dense or N:M, e.g. 2:4 (default dense)")
     p.add_argument("--calibration", metavar="C.npy",
                    help="tokens that set the static scales (default: synthetic RMSNorm-shaped)")
+    p.add_argument("--lanes", type=_positive_int, default=SimOptions.lanes,
+                   help="sim backend: engine lanes P (default %(default)s)")
+    p.add_argument("--max-tokens", type=_positive_int, default=SimOptions.max_tokens,
+                   metavar="T", help="sim backend: largest batch T_max (default %(default)s)")
+    p.add_argument("--slots", type=_positive_int, default=SimOptions.slots,
+                   help="sim backend: on-chip expert slots (default %(default)s)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", help="fidelity of the integer model against the float reference")
