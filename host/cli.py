@@ -383,6 +383,9 @@ def build_parser():
     p.add_argument("--workdir", default="build/demo-model", metavar="DIR",
                    help=f"where the default model ({DEFAULT_MODEL['family']}) and outputs go")
     p.set_defaults(func=cmd_demo)
+
+    from .generate import add_commands  # logits, generate; imported here: it imports this module
+    add_commands(sub, checkpoint_arg)
     return parser
 
 
