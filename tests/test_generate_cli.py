@@ -204,6 +204,17 @@ def test_planned_backends_are_refused(model, backend):
                       "available: reference, model")
 
 
+@pytest.mark.parametrize("options, fragment", [
+    (("--group-size", "48"), "group size must be one of"),
+    (("--sparsity", "5:4"), "5:4"),
+    (("--quant", "int3"), "argument --quant: invalid choice"),
+    (("--backend", "gpu"), "argument --backend: invalid choice"),
+])
+def test_bad_options(model, ids_file, tmp_path, options, fragment):
+    assert_user_error(main("logits", "--checkpoint", model, "--ids", ids_file, "--output",
+                           tmp_path / "l.npy", *options), fragment)
+
+
 def test_prompt_id_outside_the_vocabulary(model):
     assert_user_error(main("generate", "--checkpoint", model, "--prompt-ids", "1,256,3",
                            "--max-new-tokens", 2),
