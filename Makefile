@@ -18,7 +18,7 @@ export PATH := $(abspath $(BIN)):$(VERILATOR_ROOT)/bin:$(PATH)
 PYTEST_ARGS ?=
 DEMO_DIR    ?= build/demo-model
 
-.PHONY: help venv demo test sim sim-full lint clean
+.PHONY: help venv demo test sim sim-full lint clean bitstream report program
 
 help:
 	@echo "make demo      run the main job on the built-in default model"
@@ -26,6 +26,9 @@ help:
 	@echo "make sim       run only the RTL simulations"
 	@echo "make sim-full  run the RTL simulations over the full parameter sweep"
 	@echo "make lint      ruff over the whole tree"
+	@echo "make bitstream BOARD=icebreaker|ulx3s-85f  bitstream and build/<board>/report.json"
+	@echo "make report    resources and Fmax of every built board"
+	@echo "make program BOARD=...  load the built bitstream (openFPGALoader or iceprog)"
 
 venv: $(STAMP)
 
@@ -49,6 +52,23 @@ sim-full: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The board tools (YoWASP yosys/nextpnr, amaranth-boards) are the `boards` extra.
+BOARDS_STAMP := $(VENV)/.boards-installed
+BOARD ?=
+
+$(BOARDS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),boards]"
+	@touch $@
+
+bitstream: $(BOARDS_STAMP)
+	$(BIN)/python -m moefpga.boards.build $(if $(BOARD),--board $(BOARD)) $(if $(UNIT),--unit $(UNIT))
+
+report: $(BOARDS_STAMP)
+	$(BIN)/python -m moefpga.boards.build --report
+
+program: $(BOARDS_STAMP)
+	$(BIN)/python -m moefpga.boards.build --program $(if $(BOARD),--board $(BOARD))
 
 clean:
 	rm -rf build sim_tests/sim_build .pytest_cache
