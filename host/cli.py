@@ -386,6 +386,8 @@ def build_parser():
 
     from .generate import add_commands  # logits, generate; imported here: it imports this module
     add_commands(sub, checkpoint_arg)
+    from .cache_sim import add_commands as add_cache_commands  # cache-sim; imports this module
+    add_cache_commands(sub, checkpoint_arg)
     return parser
 
 
