@@ -71,9 +71,11 @@ class _TracingBackend(ModelBackend):
         return out
 
 
-def record_trace(checkpoint: Checkpoint, spec, tokens: int, seed: int = 0) -> Trace:
+def record_trace(checkpoint: Checkpoint, spec, tokens: int, seed: int = 0,
+                 progress: Callable[[str], None] | None = None) -> Trace:
     """Run ``tokens`` random token ids (seeded) through the model one at a time with a KV
-    cache, the MoE layers on the integer model quantized by ``spec``, and record every step.
+    cache, the MoE layers on the integer model quantized by ``spec``, and record every step;
+    ``progress`` gets one line once the input has been checked.
 
     Raises
     ------
@@ -85,6 +87,8 @@ def record_trace(checkpoint: Checkpoint, spec, tokens: int, seed: int = 0) -> Tr
     check_supported(config)
     ids = np.random.default_rng(seed).integers(config.vocab_size, size=tokens)
     check_ids(ids, config)
+    if progress:
+        progress(f"cache-sim: {tokens} tokens through the integer model ({spec})")
     backend = _TracingBackend(checkpoint, spec)
     model = Transformer(config, load_weights(checkpoint), backend.layers)
     cache = model.new_cache()
@@ -199,8 +203,7 @@ def cmd_cache_sim(args):
         raise MoefpgaError(f"--guesses {args.guesses} exceeds the {checkpoint.config.num_experts}"
                            " experts of a layer")
     spec = _spec_from_args(args)
-    _progress(f"cache-sim: {args.tokens} tokens through the integer model ({spec})")
-    trace = record_trace(checkpoint, spec, args.tokens, args.seed)
+    trace = record_trace(checkpoint, spec, args.tokens, args.seed, _progress)
     results = [replay(trace, slots=slots, policy=policy, predictor=predictor,
                       guesses=args.guesses)
                for slots in args.slots for policy in args.policy for predictor in args.predictor]
