@@ -31,7 +31,7 @@ from .pll import ecp5_pll, ice40_pll
 from .survey import UNITS, unit
 from .toolchain import run_tool
 
-__all__ = ["BoardWrapper", "build", "parse_report", "format_table", "main"]
+__all__ = ["BoardWrapper", "build", "parse_report", "design_clock", "format_table", "main"]
 
 #: Where builds go, one folder per board.
 BUILD_ROOT = Path("build")
@@ -167,11 +167,15 @@ def parse_report(family, pnr, synth_cells):
     return {"resources": dict(sorted(resources.items())), "clocks": clocks}
 
 
-def _sync_clock(clocks):
-    """The design clock's entry: the constrained clock with the lowest achieved frequency."""
-    if not clocks:
-        raise BoardError("nextpnr reported no clock; the design has no constrained clock")
-    return min(clocks.values(), key=lambda c: c["achieved_mhz"])
+def design_clock(clocks, mhz):
+    """The entry of ``clocks`` (as :func:`parse_report` gives them) for the design clock: the
+    one constrained to ``mhz``. nextpnr also lists nets it treats as clocks, such as a DSP's
+    clock tied to a constant, with other constraints; they are not the design's."""
+    ours = [c for c in clocks.values() if abs(c["constraint_mhz"] - mhz) <= 0.01 * mhz]
+    if not ours:
+        raise BoardError(f"nextpnr reported no clock constrained to {mhz:g} MHz "
+                         f"(clocks: {', '.join(clocks) or 'none'})")
+    return min(ours, key=lambda c: c["achieved_mhz"])
 
 
 def build(cfg, *, core_unit="moe_layer", root=BUILD_ROOT, log=print):
@@ -216,7 +220,7 @@ def build(cfg, *, core_unit="moe_layer", root=BUILD_ROOT, log=print):
         "num_cells_by_type"]
     report.update(parse_report(cfg.family, json.loads((out / "pnr.json").read_text()),
                                synth_cells))
-    fmax = _sync_clock(report["clocks"])["achieved_mhz"]
+    fmax = design_clock(report["clocks"], top.pll_mhz)["achieved_mhz"]
     report["fmax_mhz"] = fmax
     report["timing_met"] = fmax >= top.pll_mhz
     if report["timing_met"]:

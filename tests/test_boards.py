@@ -252,3 +252,11 @@ def test_harness_shifts_inputs_and_sends_output_parity():
         assert (a, b) == (shift & 0b111, shift >> 3)
         assert tx == parity_before
         parity_before = bin(shift).count("1") % 2
+
+
+def test_design_clock_is_the_constrained_one():
+    clocks = {"$PACKER_GND_NET_$glb_clk": {"achieved_mhz": 313.28, "constraint_mhz": 12.0},
+              "clk": {"achieved_mhz": 15.42, "constraint_mhz": 24.0015}}
+    assert build.design_clock(clocks, 24.0)["achieved_mhz"] == 15.42
+    with pytest.raises(BoardError, match="no clock constrained to 50 MHz"):
+        build.design_clock(clocks, 50.0)
