@@ -138,7 +138,10 @@ def decode_frame(raw):
 
 @dataclass(frozen=True)
 class Identity:
-    """What a bitstream reports in IDENTIFY: its build parameters (docs/link.md)."""
+    """What a bitstream reports in IDENTIFY: its build parameters (docs/link.md).
+
+    ``shared``: 0 no shared expert, 1 a shared expert without gate, 2 with a sigmoid gate.
+    """
     link_version: int
     record_version: int
     lanes: int
@@ -150,13 +153,14 @@ class Identity:
     ffn: int
     experts: int
     top_k: int
+    shared: int
     slots: int
     layers: int
     max_tokens: int
     clock_hz: int
     max_payload: int
 
-    _STRUCT = struct.Struct("<BBHBBBHHHHBBHHIH")
+    _STRUCT = struct.Struct("<BBHBBBHHHHBBBHHIH")
 
     def to_bytes(self):
         return self._STRUCT.pack(*astuple(self))

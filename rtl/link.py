@@ -20,7 +20,8 @@ from .crc32 import CRC32
 from .expert_stream import CRC_RESIDUE
 from .uart import UartRx, UartTx
 
-__all__ = ["MessageByte", "SendByte", "Control", "FrameRx", "FrameTx", "Link", "DEVICE_TYPES"]
+__all__ = ["MessageByte", "SendByte", "Control", "LINK_STATS", "FrameRx", "FrameTx", "Link",
+           "DEVICE_TYPES"]
 
 #: A byte of a received message on :attr:`FrameRx.o`: the message ``type``, the byte, ``last``
 #: on the message's last byte (the last of a frame without ``MORE``), ``empty`` on the single
@@ -42,6 +43,12 @@ _ACK, _NAK, _HELLO = (Const(int(t), 8) for t in (Type.ACK, Type.NAK, Type.HELLO)
 
 _STATS = data.StructLayout({"bad": unsigned(16), "busy": unsigned(16),
                             "duplicates": unsigned(16), "unknown": unsigned(16)})
+
+#: :attr:`Link.stats`: the receiver's counters, then frames resent, UART framing errors and
+#: overruns; 16 bits each, wrapping.
+LINK_STATS = data.StructLayout({**{name: unsigned(16) for name in _STATS.members},
+                                "resent": unsigned(16), "framing": unsigned(16),
+                                "overrun": unsigned(16)})
 
 
 def _check_payload(max_payload):
@@ -371,8 +378,7 @@ class Link(wiring.Component):
     o : Out(stream.Signature(MessageByte))
     i : In(stream.Signature(SendByte))
     hello : Out(1)
-    stats : Out(StructLayout({"bad", "busy", "duplicates", "unknown", "resent", "framing",
-        "overrun"}))
+    stats : Out(LINK_STATS)
         16-bit counters (wrapping): frames dropped by :class:`FrameRx`, frames resent, UART
         framing errors and overruns.
     gave_up : Out(1)
@@ -388,16 +394,13 @@ class Link(wiring.Component):
         self.tx_side = FrameTx(max_payload=max_payload, ack_timeout=ack_timeout,
                                retries=retries)
         self.uart_rx, self.uart_tx = UartRx(divisor), UartTx(divisor)
-        stats = data.StructLayout({**{name: unsigned(16) for name in _STATS.members},
-                                   "resent": unsigned(16), "framing": unsigned(16),
-                                   "overrun": unsigned(16)})
         super().__init__({
             "rx":      In(1, init=1),
             "tx":      Out(1, init=1),
             "o":       Out(stream.Signature(MessageByte)),
             "i":       In(stream.Signature(SendByte)),
             "hello":   Out(1),
-            "stats":   Out(stats),
+            "stats":   Out(LINK_STATS),
             "gave_up": Out(1),
         })
 

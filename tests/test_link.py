@@ -41,8 +41,8 @@ COBS_EXAMPLES = [
 ]
 
 IDENTITY = Identity(link_version=1, record_version=1, lanes=2, m=4, n=2, weight_bits=4,
-                    group_size=16, hidden=32, ffn=32, experts=4, top_k=2, slots=3, layers=1,
-                    max_tokens=4, clock_hz=12_000_000, max_payload=MAX_PAYLOAD)
+                    group_size=16, hidden=32, ffn=32, experts=4, top_k=2, shared=2, slots=3,
+                    layers=1, max_tokens=4, clock_hz=12_000_000, max_payload=MAX_PAYLOAD)
 
 
 @pytest.mark.parametrize(("data", "encoded"), COBS_EXAMPLES)
