@@ -361,11 +361,11 @@ def build_parser():
     p.add_argument("--sparsity", default="dense", help="dense or N:M, e.g. 2:4 (default dense)")
     p.add_argument("--calibration", metavar="C.npy",
                    help="tokens that set the static scales (default: synthetic RMSNorm-shaped)")
-    p.add_argument("--lanes", type=_positive_int, default=SimOptions.lanes,
+    p.add_argument("--lanes", type=_positive_int, default=SimOptions.lanes, metavar="P",
                    help="sim backend: engine lanes P (default %(default)s)")
     p.add_argument("--max-tokens", type=_positive_int, default=SimOptions.max_tokens,
                    metavar="T", help="sim backend: largest batch T_max (default %(default)s)")
-    p.add_argument("--slots", type=_positive_int, default=SimOptions.slots,
+    p.add_argument("--slots", type=_positive_int, default=SimOptions.slots, metavar="S",
                    help="sim backend: on-chip expert slots (default %(default)s)")
     p.set_defaults(func=cmd_run)
 

@@ -164,11 +164,12 @@ def _cycle_budget(hw, records):
     return 10 * (sum(len(r) for r in records) + (hw.experts + 1) * expert + route) + 100_000
 
 
-def _write_job(folder, hw, int_layer, layer, records, batches, x16, exp):
+def _write_job(folder, hw, int_layer, layer, records, budget, batches, x16, exp):
+    """The driver's input files (see ``sim_moe_layer.cpp``) in ``folder``."""
     expert_ids = [*range(len(int_layer.experts)), SHARED_EXPERT][:len(records)]
     lines = [f"hidden {hw.hidden}", f"router_mult {_multiplier_bits(int_layer.router_mult)}",
              f"normalize {int(int_layer.normalize)}", f"layer {layer}",
-             f"max_cycles {_cycle_budget(hw, records)}"]
+             f"max_cycles {budget}"]
     if hw.shared_gate:
         lines.append(f"gate_mult {_multiplier_bits(int_layer.shared_gate_mult)}")
     lines += [f"batch {len(b)}" for b in batches]
@@ -213,7 +214,7 @@ def run_layer(executable, hw, int_layer, layer, x16, exp, progress=None, timeout
     timeout = timeout or 60 + budget * (len(batches) + 1) / 2000
     with tempfile.TemporaryDirectory(prefix="moefpga-sim-") as folder:
         folder = Path(folder)
-        _write_job(folder, hw, int_layer, layer, records, batches, x16, exp)
+        _write_job(folder, hw, int_layer, layer, records, budget, batches, x16, exp)
         lines = _run_driver(executable, folder, timeout, len(batches), progress)
         results = np.fromfile(folder / "results.bin", "<i4").astype(np.int64)
     start = _counters(hw, lines[0].split("counters")[1].split())

@@ -123,6 +123,18 @@ def test_cached_build(capsys, checkpoints, tmp_path):
     assert np.array_equal(y_sim.view(np.uint32), y_model.view(np.uint32))
 
 
+def test_hung_batch_is_an_error(capsys, checkpoints, tmp_path, monkeypatch):
+    """A batch beyond its cycle budget (here made too small) stops the simulation: one line."""
+    paths, x = checkpoints
+    monkeypatch.setattr(sim, "_cycle_budget", lambda hw, records: 1000)
+    quant, sparsity, extra = SETTINGS[0]
+    status, _, err, _ = _run(capsys, paths["mixtral"], x, tmp_path / "y.npy", "sim", quant,
+                             sparsity, extra)
+    assert status == 2 and not (tmp_path / "y.npy").exists()
+    assert _one_error_line(err).endswith("the simulation failed: the layer did not finish "
+                                         "running a batch within 1000 cycles")
+
+
 def _one_error_line(err):
     lines = err.strip().splitlines()
     assert lines[-1].startswith("moefpga: error: ") and "Traceback" not in err, err
