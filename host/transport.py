@@ -5,6 +5,7 @@ a board's serial port (or the Verilator twin's pseudo-terminal) with pyserial;
 :func:`pipe_pair` gives two connected in-process ends for tests and simulations.
 """
 
+import errno
 import queue
 import threading
 import time
@@ -46,11 +47,13 @@ class SerialTransport:
             self._serial = serial.Serial(port, baud, timeout=0, write_timeout=5.0,
                                          exclusive=True)
         except (serial.SerialException, OSError, ValueError) as error:
-            reason = str(error)
-            if "busy" in reason.lower() or "lock" in reason.lower():
-                raise MoefpgaError(f"serial port {port} is busy (in use by another "
-                                   f"program): {reason}") from None
-            raise MoefpgaError(f"cannot open serial port {port}: {reason}") from None
+            code = getattr(error, "errno", None)
+            if code == errno.ENOENT:
+                raise MoefpgaError(f"serial port {port} does not exist") from None
+            if code in (errno.EAGAIN, errno.EBUSY):
+                raise MoefpgaError(f"serial port {port} is busy (opened by another "
+                                   f"program)") from None
+            raise MoefpgaError(f"cannot open serial port {port}: {error}") from None
 
     def read(self, limit, timeout):
         import serial

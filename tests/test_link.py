@@ -1,6 +1,7 @@
 """The host link (host/link.py) over the in-process pipe transport: COBS, frames, and the
 stop-and-wait protocol against a peer Link in a thread, with injected faults."""
 
+import os
 import random
 import threading
 import zlib
@@ -22,7 +23,7 @@ from moefpga.host.link import (
     decode_frame,
     encode_frame,
 )
-from moefpga.host.transport import pipe_pair
+from moefpga.host.transport import SerialTransport, pipe_pair
 
 # Examples of the COBS article on Wikipedia (without the trailing delimiter).
 _RUN = bytes(range(1, 255))
@@ -290,3 +291,27 @@ def test_hello_without_identify_is_an_error():
     with pytest.raises(MoefpgaError, match="sent no IDENTIFY"):
         host.hello()
     thread.join()
+
+
+def test_serial_transport_on_a_pseudo_terminal():
+    """SerialTransport reads and writes a pseudo-terminal (as it would a board's port), times
+    out with nothing to read, and refuses a busy or missing port with one clear message."""
+    master, slave = os.openpty()
+    try:
+        name = os.ttyname(slave)
+        port = SerialTransport(name)
+        try:
+            os.write(master, b"\x00frame\x00")
+            assert port.read(100, 1.0) == b"\x00frame\x00"
+            assert port.read(100, 0.01) == b""
+            port.write(b"answer")
+            assert os.read(master, 100) == b"answer"
+            with pytest.raises(MoefpgaError, match=f"serial port {name} is busy"):
+                SerialTransport(name)
+        finally:
+            port.close()
+    finally:
+        os.close(master)
+        os.close(slave)
+    with pytest.raises(MoefpgaError, match="serial port /dev/no-such-port does not exist"):
+        SerialTransport("/dev/no-such-port")
