@@ -34,7 +34,7 @@ class UartRx(wiring.Component):
     rx : In(1)
         The line.
     o : Out(stream.Signature(8))
-        The bytes received; ``valid`` from half a bit after the stop bit's middle.
+        The bytes received; ``valid`` from the cycle after the stop bit's middle.
     framing_error, overrun : Out(1)
         One-cycle strobes.
     """

@@ -234,7 +234,7 @@ def test_lost_ack_gives_a_duplicate_applied_once():
                 return b""
         return data
 
-    host, peer = _pair(device_fault=lose_first_ack, timeout=0.5)
+    host, peer = _pair(device_fault=lose_first_ack, timeout=1.0)
     try:
         host.hello(timeout=5)
         assert _exchange(host, [(Type.ROUTER, b"abc")]) == [b"cba"]
