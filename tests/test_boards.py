@@ -15,6 +15,7 @@ from moefpga.boards.config import BoardError, board_names, load_board
 from moefpga.boards.harness import DevelopmentHarness
 from moefpga.boards.pll import ecp5_pll, ice40_pll
 from moefpga.boards.survey import parse_memory_fates, synth_script
+from moefpga.boards.toolchain import run_tool
 
 ICEBREAKER = {
     "platform": "amaranth_boards.icebreaker:ICEBreakerPlatform", "family": "ice40",
@@ -260,3 +261,14 @@ def test_design_clock_is_the_constrained_one():
     assert build.design_clock(clocks, 24.0)["achieved_mhz"] == 15.42
     with pytest.raises(BoardError, match="no clock constrained to 50 MHz"):
         build.design_clock(clocks, 50.0)
+
+
+def test_tool_failures_are_board_errors(tmp_path):
+    with pytest.raises(BoardError, match="no-such-tool-xyz not found; install the board tools"):
+        run_tool("no-such-tool-xyz", [], cwd=tmp_path, timeout=5)
+    with pytest.raises(BoardError, match=r"python failed \(exit 3\):\nlast words"):
+        run_tool("python", ["-c", "import sys; print('last words'); sys.exit(3)"],
+                 cwd=tmp_path, timeout=30)
+    with pytest.raises(BoardError, match="python ran longer than 0.5 s and was stopped"):
+        run_tool("python", ["-c", "import time; time.sleep(30)"], cwd=tmp_path, timeout=0.5)
+    assert run_tool("python", ["-c", "print('ok')"], cwd=tmp_path, timeout=30) == "ok\n"
