@@ -8,9 +8,10 @@ met fails the build (no bitstream is packed). ``--report`` prints the table of e
 board; ``--program`` loads a built bitstream with openFPGALoader or iceprog. docs/boards.md
 describes the flow and the report.
 
-Until the board top (UART, framing, MoE layer) exists, the core is a unit of the survey in a
-:class:`.harness.DevelopmentHarness`: the build then measures that unit on the board; the
-report names the core so it is never mistaken for the board top.
+The core is the board top (:class:`moefpga.rtl.board_top.BoardTop`: the host link in front of
+one MoE layer) unless ``--unit`` names a unit of the survey, which is then built in a
+:class:`.harness.DevelopmentHarness` to measure it on the board; the report names the core so a
+harness build is never mistaken for the board top.
 """
 
 import argparse
@@ -25,13 +26,17 @@ from pathlib import Path
 from amaranth import ClockDomain, ClockSignal, Elaboratable, Instance, Module, Signal
 from amaranth.lib.cdc import ResetSynchronizer
 
+from ..hls_models.synthetic import DEFAULT_MODEL
+from ..rtl.board_top import BoardTop
+from ..rtl.expert_ffn_params import ExpertFfnParams
 from .config import BoardError, load_board
 from .harness import DevelopmentHarness
 from .pll import ecp5_pll, ice40_pll
 from .survey import UNITS, unit
 from .toolchain import run_tool
 
-__all__ = ["BoardWrapper", "build", "parse_report", "design_clock", "format_table", "main"]
+__all__ = ["BoardWrapper", "board_pll", "make_core", "build", "parse_report", "design_clock",
+           "format_table", "main"]
 
 #: Where builds go, one folder per board.
 BUILD_ROOT = Path("build")
@@ -56,39 +61,55 @@ def _platform(cfg):
                          f"with .venv/bin/pip install -e '.[boards]'") from None
 
 
+def board_pll(cfg, platform):
+    """``(params, mhz)``: the PLL settings that make ``cfg``'s target clock from ``platform``'s
+    oscillator, and the frequency they make."""
+    fin = platform.default_clk_frequency / 1e6
+    return (ice40_pll if cfg.family == "ice40" else ecp5_pll)(fin, cfg.target_mhz)
+
+
+def make_core(cfg, name, clock_hz):
+    """The core ``name`` for ``cfg`` clocked at ``clock_hz``: ``board_top``, the MoE layer
+    behind the host link (:class:`moefpga.rtl.board_top.BoardTop`), or a survey unit in the
+    development harness."""
+    if name != "board_top":
+        return DevelopmentHarness(unit(name, cfg))
+    return BoardTop(ExpertFfnParams(**cfg.ffn_kwargs()), hidden=DEFAULT_MODEL["hidden_size"],
+                    experts=DEFAULT_MODEL["num_experts"], top_k=DEFAULT_MODEL["top_k"],
+                    slots=cfg.slots, layers=DEFAULT_MODEL["num_layers"], macs=cfg.router_macs,
+                    divisor=round(clock_hz / cfg.baud), clock_hz=round(clock_hz),
+                    ack_timeout=round(clock_hz * cfg.ack_timeout_ms / 1000))
+
+
 class BoardWrapper(Elaboratable):
-    """A core on a board: the ``sync`` clock from a PLL at the target clock, reset until the
-    PLL locks, the core's ``rx``/``tx`` on the board's USB-serial UART pins, LED 0 lit when
-    locked and LED 1 blinking at about 1.4 Hz at 24 MHz (bit 23 of a counter).
+    """A core on a board: the ``sync`` clock from a PLL, reset until the PLL locks, the core's
+    ``rx``/``tx`` on the board's USB-serial UART pins, LED 0 blinking (bit 23 of a cycle
+    counter: the clock runs) and LED 1 showing the core's ``busy`` (or the PLL's lock when the
+    core has no ``busy``).
 
     Parameters
     ----------
     cfg : BoardConfig
     core : Elaboratable
-        Has ``rx`` (in) and ``tx`` (out) one-bit members.
-
-    Attributes
-    ----------
-    pll_mhz : float
-        The frequency the PLL makes (the clock constraint).
+        Has ``rx`` (in) and ``tx`` (out) one-bit members, and optionally ``busy`` (out).
+    pll : tuple
+        ``(params, mhz)`` from :func:`board_pll`.
     """
 
-    def __init__(self, cfg, core):
+    def __init__(self, cfg, core, pll):
         self.cfg  = cfg
         self.core = core
-        self.pll_mhz = None
+        self.pll_params, self.pll_mhz = pll
 
     def _pll(self, m, platform, clk_in, clk, lock):
-        fin = platform.default_clk_frequency / 1e6
+        params = {f"p_{key}": value for key, value in self.pll_params.items()}
         if self.cfg.family == "ice40":
-            params, self.pll_mhz = ice40_pll(fin, self.cfg.target_mhz)
             m.submodules.pll = Instance(
-                "SB_PLL40_PAD", p_FEEDBACK_PATH="SIMPLE",
-                **{f"p_{key}": value for key, value in params.items()},
+                "SB_PLL40_PAD", p_FEEDBACK_PATH="SIMPLE", **params,
                 i_PACKAGEPIN=clk_in.io, i_RESETB=1, i_BYPASS=0,
                 o_PLLOUTGLOBAL=clk, o_LOCK=lock)
         else:
-            params, self.pll_mhz = ecp5_pll(fin, self.cfg.target_mhz)
+            fin = platform.default_clk_frequency / 1e6
             m.submodules.pll = Instance(
                 "EHXPLLL",
                 a_FREQUENCY_PIN_CLKI=f"{fin:g}", a_FREQUENCY_PIN_CLKOP=f"{self.pll_mhz:g}",
@@ -96,8 +117,7 @@ class BoardWrapper(Elaboratable):
                 a_MFG_GMCREF_SEL="2",
                 p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED",
                 p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA", p_CLKOP_ENABLE="ENABLED",
-                p_CLKOP_FPHASE=0, p_FEEDBK_PATH="CLKOP",
-                **{f"p_{key}": value for key, value in params.items()},
+                p_CLKOP_FPHASE=0, p_FEEDBK_PATH="CLKOP", **params,
                 i_CLKI=clk_in.i, i_CLKFB=clk, i_RST=0, i_STDBY=0, i_PHASESEL0=0,
                 i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
                 i_PLLWAKESYNC=0, i_ENCLKOP=0, o_CLKOP=clk, o_LOCK=lock)
@@ -105,7 +125,7 @@ class BoardWrapper(Elaboratable):
     def elaborate(self, platform):
         m = Module()
         m.domains.sync = ClockDomain("sync")
-        clk, lock = Signal(), Signal()
+        clk, lock = Signal(name="pll_clk"), Signal(name="pll_lock")
         if self.cfg.family == "ice40":
             clk_in = platform.request(platform.default_clk, dir="-")
         else:
@@ -120,8 +140,9 @@ class BoardWrapper(Elaboratable):
         m.d.comb += [self.core.rx.eq(uart.rx.i), uart.tx.o.eq(self.core.tx)]
         blink = Signal(24)
         m.d.sync += blink.eq(blink + 1)
-        m.d.comb += [platform.request("led", 0).o.eq(lock),
-                     platform.request("led", 1).o.eq(blink[-1])]
+        status = getattr(self.core, "busy", lock)
+        m.d.comb += [platform.request("led", 0).o.eq(blink[-1]),
+                     platform.request("led", 1).o.eq(status)]
         return m
 
 
@@ -178,9 +199,9 @@ def design_clock(clocks, mhz):
     return min(ours, key=lambda c: c["achieved_mhz"])
 
 
-def build(cfg, *, core_unit="moe_layer", root=BUILD_ROOT, log=print):
-    """Build ``cfg``'s bitstream with ``core_unit`` (a survey unit) in the development harness;
-    returns the report, also written to ``root/<board>/report.json``.
+def build(cfg, *, core_unit="board_top", root=BUILD_ROOT, log=print):
+    """Build ``cfg``'s bitstream with the core ``core_unit`` (see :func:`make_core`); returns
+    the report, also written to ``root/<board>/report.json``.
 
     Raises
     ------
@@ -191,13 +212,15 @@ def build(cfg, *, core_unit="moe_layer", root=BUILD_ROOT, log=print):
     out = Path(root) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     platform = _platform(cfg)
-    top = BoardWrapper(cfg, DevelopmentHarness(unit(core_unit, cfg)))
+    pll = board_pll(cfg, platform)
+    top = BoardWrapper(cfg, make_core(cfg, core_unit, pll[1] * 1e6), pll)
     synth_opts = "-dsp -spram" if cfg.family == "ice40" else ""
     plan = platform.prepare(top, name="top", synth_opts=synth_opts,
                             script_after_synth="tee -q -o synth_stat.json stat -json")
     plan.extract(out)
     report = {"board": cfg.name, "device": platform.device, "family": cfg.family,
-              "core": f"{core_unit} in the development harness (not the board top)",
+              "core": "board_top" if core_unit == "board_top" else
+                      f"{core_unit} in the development harness (not the board top)",
               "target_mhz": cfg.target_mhz, "pll_mhz": top.pll_mhz, "seed": cfg.seed,
               "config": {k: getattr(cfg, k) for k in (
                   "lanes", "m", "n", "weight_bits", "group_size", "max_tokens", "slots",
@@ -226,10 +249,10 @@ def build(cfg, *, core_unit="moe_layer", root=BUILD_ROOT, log=print):
     if report["timing_met"]:
         if cfg.family == "ice40":
             step("pack", "yowasp-icepack", ["top.asc", "top.bin"])
-            report["bitstream"] = str(out / "top.bin")
+            report["bitstream"] = str((out / "top.bin").resolve())
         else:
             step("pack", "yowasp-ecppack", ["--input", "top.config", "--bit", "top.bit"])
-            report["bitstream"] = str(out / "top.bit")
+            report["bitstream"] = str((out / "top.bit").resolve())
     report["seconds"]["total"] = round(time.monotonic() - start, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     if not report["timing_met"]:
@@ -298,8 +321,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m moefpga.boards.build",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--board", help="board name (boards/<board>.yaml) or YAML path")
-    parser.add_argument("--unit", choices=UNITS, default="moe_layer",
-                        help="unit to build in the development harness (default moe_layer)")
+    parser.add_argument("--unit", choices=("board_top", *UNITS), default="board_top",
+                        help="the board top (default), or a unit in the development harness")
     parser.add_argument("--root", default=str(BUILD_ROOT), help="build folder (default build)")
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--report", action="store_true", help="print every built board")

@@ -51,6 +51,8 @@ class BoardConfig:
         Where the expert slots live: ``spram`` or ``ebr`` (iCE40), ``ebr`` (ECP5).
     baud : int
         The UART's baud rate.
+    ack_timeout_ms : int
+        The host link's wait for an acknowledgement before it resends a frame.
     seed : int
         nextpnr's placement seed.
     nextpnr_options : tuple of str
@@ -73,6 +75,7 @@ class BoardConfig:
     memory: str
     seed: int
     baud: int = 115200
+    ack_timeout_ms: int = 100
     acc_bits: int = 40
     router_macs: int = 1
     nextpnr_options: tuple = ()
@@ -88,7 +91,7 @@ class BoardConfig:
 
 
 _INTS = ("lanes", "m", "n", "weight_bits", "group_size", "max_tokens", "slots", "seed", "baud",
-         "acc_bits", "router_macs", "timeout_s")
+         "ack_timeout_ms", "acc_bits", "router_macs", "timeout_s")
 
 
 def _check(name, raw, source):

@@ -272,3 +272,24 @@ def test_tool_failures_are_board_errors(tmp_path):
     with pytest.raises(BoardError, match="python ran longer than 0.5 s and was stopped"):
         run_tool("python", ["-c", "import time; time.sleep(30)"], cwd=tmp_path, timeout=0.5)
     assert run_tool("python", ["-c", "print('ok')"], cwd=tmp_path, timeout=30) == "ok\n"
+
+
+def test_wrapper_constrains_the_pll_clock_and_uses_the_uart_pins():
+    cfg = load_board("icebreaker")
+    platform = build._platform(cfg)
+    pll = build.board_pll(cfg, platform)
+    plan = platform.prepare(build.BoardWrapper(cfg, DevelopmentHarness(_Pair()), pll),
+                            name="top")
+    pcf = plan.files["top.pcf"]
+    assert "set_frequency pll_clk 24.0" in pcf
+    for pin in ("set_io uart_0__rx__io 6", "set_io uart_0__tx__io 9", "clk12_0__io 35"):
+        assert pin in pcf
+    assert "SB_PLL40_PAD" in plan.files["top.il"]
+
+
+def test_make_core_is_the_board_top_or_a_labelled_harness():
+    cfg = load_board("icebreaker")
+    core = build.make_core(cfg, "board_top", 24e6)
+    assert type(core).__name__ == "BoardTop"
+    assert core.identity.clock_hz == 24_000_000 and core.identity.slots == cfg.slots
+    assert isinstance(build.make_core(cfg, "router", 24e6), DevelopmentHarness)
