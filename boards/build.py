@@ -211,6 +211,8 @@ def build(cfg, *, core_unit="board_top", root=BUILD_ROOT, log=print):
     """
     out = Path(root) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("report.json", "top.bin", "top.bit"):     # never left from an earlier build
+        (out / stale).unlink(missing_ok=True)
     platform = _platform(cfg)
     pll = board_pll(cfg, platform)
     top = BoardWrapper(cfg, make_core(cfg, core_unit, pll[1] * 1e6), pll)
