@@ -14,7 +14,7 @@ from moefpga.boards import build
 from moefpga.boards.config import BoardError, board_names, load_board
 from moefpga.boards.harness import DevelopmentHarness
 from moefpga.boards.pll import ecp5_pll, ice40_pll
-from moefpga.boards.survey import parse_memory_fates, synth_script
+from moefpga.boards.survey import UNITS, parse_memory_fates, synth_script, unit
 from moefpga.boards.toolchain import run_tool
 
 ICEBREAKER = {
@@ -293,3 +293,11 @@ def test_make_core_is_the_board_top_or_a_labelled_harness():
     assert type(core).__name__ == "BoardTop"
     assert core.identity.clock_hz == 24_000_000 and core.identity.slots == cfg.slots
     assert isinstance(build.make_core(cfg, "router", 24e6), DevelopmentHarness)
+
+
+def test_survey_units_build_and_unknown_ones_are_errors():
+    cfg = load_board("icebreaker")
+    assert [type(unit(name, cfg)).__name__ for name in UNITS] == [
+        "SparseMatmulEngine", "ExpertFFN", "ExpertSlots", "Router", "MoeLayer"]
+    with pytest.raises(BoardError, match="unknown unit 'alu'"):
+        unit("alu", cfg)
