@@ -32,6 +32,9 @@ CRC_BYTES = 4
 #: Bit 7 of the type byte: another frame of the same message follows.
 MORE = 0x80
 _SEQ = 0x100
+#: The longest COBS encoding of a frame; more bytes without a delimiter are garbage.
+_MAX_ENCODED = HEADER_BYTES + MAX_PAYLOAD + CRC_BYTES + 1 + (HEADER_BYTES + MAX_PAYLOAD
+                                                             + CRC_BYTES) // 254
 
 
 class Type(enum.IntEnum):
@@ -53,7 +56,6 @@ class Type(enum.IntEnum):
 
 #: Types that start a session: always accepted, whatever their sequence number (docs/link.md).
 _SESSION_START = (Type.HELLO, Type.IDENTIFY)
-_CONTROL = (Type.ACK, Type.NAK)
 
 
 def cobs_encode(data):
@@ -295,7 +297,8 @@ class Link:
         data = self.transport.read(4096, timeout)
         for byte in data:
             if byte:
-                self._raw.append(byte)
+                if len(self._raw) <= _MAX_ENCODED:     # beyond: garbage, kept bounded
+                    self._raw.append(byte)
             elif self._raw:
                 raw, self._raw = bytes(self._raw), bytearray()
                 self._on_raw(raw)
@@ -315,6 +318,8 @@ class Link:
             self.stats["duplicates"] += 1
             self._send_control(Type.ACK, frame.seq)
         else:
+            if frame.type in _SESSION_START:
+                self._fragments = None          # a message cut by the restart: dropped
             if frame.type == Type.HELLO:
                 self._tx_seq = 0
             self._rx_expect = (frame.seq + 1) % _SEQ

@@ -60,10 +60,11 @@ class FrameRx(wiring.Component):
     """Receives frames from a :class:`.cobs.CobsDecoder`, checks them and hands on their
     messages (docs/link.md, "Reliability", is the contract; this is the device's receiver).
 
-    ``i`` is always ready. The frame's bytes after the 4-byte header go into a memory of
-    ``max_payload + 4`` bytes while a CRC-32 runs over all of them. At the frame's end it is
-    *good* if its COBS was intact, it has at least 8 bytes, no more than ``max_payload + 8``,
-    its length field equals its size less 8, and its CRC holds. Then, in this order:
+    ``i`` is always ready. The frame's payload goes into a memory of ``max_payload`` bytes
+    (the CRC's bytes after it too, where they fit) while a CRC-32 runs over the whole frame.
+    At the frame's end it is *good* if its COBS was intact, it has at least 8 bytes, no more
+    than ``max_payload + 8``, its length field equals its size less 8, and its CRC holds.
+    Then, in this order:
 
     - not good: dropped, a NAK of the expected ``seq`` on ``reply``, ``stats.bad`` counted;
     - ACK or NAK: on ``peer`` for the transmitter;
@@ -112,8 +113,7 @@ class FrameRx(wiring.Component):
         m = Module()
         limit = self.max_payload + HEADER_BYTES + CRC_BYTES
         m.submodules.crc = crc = CRC32()
-        m.submodules.buffer = buffer = Memory(shape=8, depth=self.max_payload + CRC_BYTES,
-                                              init=[])
+        m.submodules.buffer = buffer = Memory(shape=8, depth=self.max_payload, init=[])
         wr, rd = buffer.write_port(), buffer.read_port()
 
         # Reception.
@@ -130,7 +130,8 @@ class FrameRx(wiring.Component):
                      crc.i.valid.eq(byte_in), crc.i.payload.eq(beat.data),
                      crc.clear.eq(count == 0),
                      wr.addr.eq(count - HEADER_BYTES), wr.data.eq(beat.data),
-                     wr.en.eq(byte_in & (count >= HEADER_BYTES) & ~overflow & ~delivering)]
+                     wr.en.eq(byte_in & (count >= HEADER_BYTES) & ~delivering
+                              & (count < HEADER_BYTES + self.max_payload))]
         with m.If(byte_in):
             with m.Switch(count):
                 for k in range(HEADER_BYTES):

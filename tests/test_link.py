@@ -267,6 +267,28 @@ def test_resync_after_garbage_truncation_bad_crc_and_unknown_type():
         (Type.NAK, 0), (Type.NAK, 0), (Type.NAK, 0), (Type.ACK, 0), (Type.ACK, 1)]
 
 
+def test_endless_garbage_is_one_bad_frame():
+    """20 kB without a delimiter, then a good frame: one NAK, then the frame; the receiver
+    keeps at most one frame's worth of the garbage."""
+    host_end, device_end = pipe_pair()
+    device = Link(device_end, timeout=0.05)
+    host_end.write(bytes(random.Random(5).randrange(1, 256) for _ in range(20_000))
+                   + encode_frame(Frame(Type.RUN_TOKENS, 0, b"tokens")))
+    assert device.receive(timeout=5) == (Type.RUN_TOKENS, b"tokens")
+    assert device.stats["bad"] == 1
+
+
+def test_restart_drops_a_cut_message():
+    """The first frame of a RESULTS message, then IDENTIFY (the device restarted), then a whole
+    RESULTS: the cut message is dropped, not joined to the next."""
+    host_end, device_end = pipe_pair()
+    host = Link(host_end, timeout=0.05)
+    device_end.write(encode_frame(Frame(Type.RESULTS, 0, b"stale", more=True))
+                     + encode_frame(Frame(Type.IDENTIFY, 0, IDENTITY.to_bytes()))
+                     + encode_frame(Frame(Type.RESULTS, 1, b"fresh")))
+    assert host.receive(timeout=1) == (Type.RESULTS, b"fresh")
+
+
 def test_silent_peer_is_an_error():
     """Nobody answers: send gives up after the bounded tries, receive after its timeout, each
     with a MoefpgaError that says so."""
