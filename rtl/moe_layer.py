@@ -12,7 +12,7 @@ from amaranth.utils import bits_for
 from ..hls_models.intmodel import ACT_BITS, OUT_BITS, PROB_FRAC_BITS, TOKEN_BITS
 from .expert_ffn import ExpertFFN
 from .expert_loader import AXIS_BYTES, ExpertLoader, StatusKind
-from .expert_slots import ExpertSlots
+from .expert_slots import EventKind, ExpertSlots
 from .expert_stream import SHARED_EXPERT
 from .requant import Multiplier, saturated
 from .router import Router, TokenBeat
@@ -92,8 +92,12 @@ class MoeLayer(wiring.Component):
     layer : In(16)
         The layer of the batch; part of the expert tags. Held while a batch runs.
     load_timeout : In(32)
-        Cycles to wait for a requested record before abandoning the batch (its outputs are then
-        zeros flagged on ``m_result.tuser``, and it counts in ``timeouts``); 0 waits forever.
+        Idle cycles after which a wait for a requested expert abandons the batch (its outputs
+        are then zeros flagged on ``m_result.tuser``, and it counts in ``timeouts``); 0 waits
+        forever. Idle: no byte is offered on ``s_expert`` since the request was taken or the
+        last byte was; so a slow but steady host, or a load waiting for a slot, never times
+        out. (A request, once offered on ``m_request``, is held until taken, as AXI-Stream
+        requires: the wait for ``tready`` is not timed.)
     s_tokens : In(AXI-Stream, 24 data bits)
         The batch: ``TokenBeat`` (value, int16, bits 0-15; exponent, signed 8, bits 16-23), one
         beat per value, token by token, ``hidden`` beats per token, ``tlast`` on the batch's
@@ -113,12 +117,13 @@ class MoeLayer(wiring.Component):
     busy : Out(1)
         A batch is in flight (from its first token beat to its last result beat).
     counters : Out(StructLayout({"cycles", "compute", "stall", "loads", "hits", "rejected",
-        "malformed", "multiplies", "timeouts"}))
+        "malformed", "multiplies", "timeouts", "evictions"}))
         32-bit wrapping counts since reset: cycles with ``busy``; cycles in which the FFN runs
         an expert command; cycles in which the FFN is idle, the feeder has no expert and the
         fetcher waits for a requested record; requests sent; experts found resident at their
         first lookup; loader records not ``OK``; malformed batches; multiplies the engine did
-        (``lanes * n`` per engine beat); batches abandoned on ``load_timeout``.
+        (``lanes * n`` per engine beat); batches abandoned on ``load_timeout``; resident
+        experts evicted by loads.
     """
 
     def __init__(self, params, *, hidden, experts, top_k, slots, shared=True, shared_gate=True,
@@ -142,7 +147,7 @@ class MoeLayer(wiring.Component):
         self.counters_layout = data.StructLayout({
             name: unsigned(COUNTER_BITS)
             for name in ("cycles", "compute", "stall", "loads", "hits", "rejected",
-                         "malformed", "multiplies", "timeouts")})
+                         "malformed", "multiplies", "timeouts", "evictions")})
         members = {
             "s_router":    In(_axis(TOKEN_BITS, last=False)),
             "router_mult": In(Multiplier),
@@ -187,13 +192,15 @@ class MoeLayer(wiring.Component):
             self.s_router.tready.eq(router.load.ready),
             router.router_mult.eq(self.router_mult),
             router.normalize.eq(self.normalize),
-            slots.event.ready.eq(1),                  # events are only counted by the slots
+            slots.event.ready.eq(1),                  # events are only counted
             loader.status.ready.eq(1),
         ]
         if self.shared_gate:
             m.d.comb += router.gate_mult.eq(self.gate_mult)
 
         count = self.counters
+        with m.If(slots.event.valid & (slots.event.payload.kind == EventKind.EVICT)):
+            m.d.sync += count.evictions.eq(count.evictions + 1)
         with m.If(loader.status.valid & (loader.status.payload.kind != StatusKind.OK)):
             m.d.sync += count.rejected.eq(count.rejected + 1)
 
@@ -286,7 +293,8 @@ class MoeLayer(wiring.Component):
         hand_item = Signal(range(E + 1))
         hand_slot = Signal.like(slots.found.payload.slot)
         requested = Signal()                          # the expert being fetched was requested
-        waited    = Signal(COUNTER_BITS)              # cycles since that request
+        idle      = Signal(COUNTER_BITS)              # idle cycles of the wait for it
+        timed_out = Signal()
         abandoned = Signal()                          # a requested record did not come in time
         start_fetch = Signal()
         fetch_done  = Signal()
@@ -301,14 +309,17 @@ class MoeLayer(wiring.Component):
             request.expert.eq(Mux(fetching == E, SHARED_EXPERT, fetching)),
             self.m_request.tlast.eq(1),
         ]
-        with m.If(requested):
-            m.d.sync += waited.eq(waited + 1)
+        m.d.comb += timed_out.eq((self.load_timeout != 0) & (idle >= self.load_timeout))
+        with m.If(self.s_expert.tvalid & self.s_expert.tready):
+            m.d.sync += idle.eq(0)
+        with m.Elif(requested & ~self.s_expert.tvalid):
+            m.d.sync += idle.eq(idle + 1)
         with m.FSM(name="fetch"):
             with m.State("IDLE"):
                 with m.If(start_fetch):
                     m.next = "NEXT"
             with m.State("NEXT"):
-                m.d.sync += [fetching.eq(next_item), requested.eq(0)]
+                m.d.sync += [fetching.eq(next_item), requested.eq(0), idle.eq(0)]
                 with m.If(fetch_left == 0):
                     m.next = "DONE"
                 with m.Else():
@@ -328,17 +339,18 @@ class MoeLayer(wiring.Component):
                     m.next = "NEXT"
                 with m.Elif(slots.found.valid & ~requested):
                     m.next = "REQUEST"
-                with m.Elif(slots.found.valid & (self.load_timeout != 0)
-                            & (waited >= self.load_timeout)):
-                    m.d.sync += [abandoned.eq(1), count.timeouts.eq(count.timeouts + 1)]
-                    m.next = "DONE"
+                with m.Elif(slots.found.valid & timed_out):
+                    m.next = "ABANDON"
                 with m.Elif(slots.found.valid):
                     m.next = "LOOKUP"
             with m.State("REQUEST"):
                 m.d.comb += [self.m_request.tvalid.eq(1), waiting.eq(1)]
                 with m.If(self.m_request.tready):
-                    m.d.sync += [requested.eq(1), waited.eq(0), count.loads.eq(count.loads + 1)]
+                    m.d.sync += [requested.eq(1), idle.eq(0), count.loads.eq(count.loads + 1)]
                     m.next = "LOOKUP"
+            with m.State("ABANDON"):
+                m.d.sync += [abandoned.eq(1), count.timeouts.eq(count.timeouts + 1)]
+                m.next = "DONE"
             with m.State("DONE"):
                 m.d.comb += fetch_done.eq(1)
                 m.d.sync += requested.eq(0)

@@ -261,3 +261,55 @@ def test_feeds_expert_ffn():
     wiring.connect(m, slots.w, ffn.w)
     assert slots.w.signature.members["payload"].shape == ffn.params.engine.weight_beat
     Fragment.get(m, None)                                    # and the pair elaborates
+
+
+def test_read_queue():
+    """Two slots: a read taken while another runs is queued and follows it without a gap; a
+    third read and a claiming lookup that would hit wait while one is queued; a begin waits
+    while both slots are in use; the read-outs come in the order taken."""
+    dut = ExpertSlots(ExpertFfnParams(**TINY), slots=2, layers=1, experts=2)
+    rng = np.random.default_rng(3)
+    contents = {e: [int(v) for v in rng.integers(0, 256, SILU_ENTRIES)] for e in range(2)}
+
+    async def bench(ctx):
+        for e in range(2):
+            for op, word in ([(LoadOp.BEGIN, e)] + [(LoadOp.WORD, w) for w in contents[e]]
+                             + [(LoadOp.WORD, 1)] + [(LoadOp.COMMIT, 0)]):
+                ctx.set(dut.load.payload, {"op": op, "data": word})
+                ctx.set(dut.load.valid, 1)
+                await ctx.tick().until(dut.load.ready)
+            ctx.set(dut.load.valid, 0)
+            ctx.set(dut.event.ready, 1)
+            await ctx.tick().repeat(2)
+        ctx.set(dut.read.valid, 1)
+        for slot in (0, 1):
+            ctx.set(dut.read.payload, slot)
+            assert ctx.get(dut.read.ready)
+            await ctx.tick()
+        assert ctx.get(dut.in_use) == 0b11
+        assert not ctx.get(dut.read.ready)                  # a third read waits
+        ctx.set(dut.read.valid, 0)
+        ctx.set(dut.lookup.payload, {"tag": {"layer": 0, "expert": 0}, "claim": 1})
+        ctx.set(dut.lookup.valid, 1)
+        ctx.set(dut.load.payload, {"op": LoadOp.BEGIN, "data": 1})
+        ctx.set(dut.load.valid, 1)
+        assert not ctx.get(dut.lookup.ready) and not ctx.get(dut.load.ready)
+        ctx.set(dut.load.valid, 0)
+        ctx.set(dut.silu.ready, 1)
+        ctx.set(dut.w.ready, 1)
+        silu, claimed = [], False
+        while len(silu) < 3 * SILU_ENTRIES:
+            taken = not claimed and ctx.get(dut.lookup.ready)
+            _, _, valid, value = await ctx.tick().sample(dut.silu.valid, dut.silu.payload)
+            if taken:
+                claimed = True
+                ctx.set(dut.lookup.valid, 0)
+            if valid:
+                silu.append(int(value) & 0xff)
+            assert claimed == (len(silu) > SILU_ENTRIES) or len(silu) == SILU_ENTRIES
+        assert silu == contents[0] + contents[1] + contents[0]
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()

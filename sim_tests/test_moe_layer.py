@@ -60,11 +60,11 @@ def _order(tags, resident):
 
 
 def _lru(accesses, resident, slots, *, stop_at_miss=False):
-    """The number of hits and the list of misses of ``accesses`` (tags in order) on ``slots``
-    slots holding ``resident`` (least recently used first), which it updates: a hit and a load
-    both make the tag the most recently used. ``stop_at_miss``: the first miss is never
-    loaded, and nothing after it runs."""
-    hits, misses = 0, []
+    """The number of hits, the list of misses and the number of evictions of ``accesses`` (tags
+    in order) on ``slots`` slots holding ``resident`` (least recently used first), which it
+    updates: a hit and a load both make the tag the most recently used. ``stop_at_miss``: the
+    first miss is never loaded, and nothing after it runs."""
+    hits, misses, evicted = 0, [], 0
     for tag in accesses:
         if tag in resident:
             hits += 1
@@ -75,8 +75,9 @@ def _lru(accesses, resident, slots, *, stop_at_miss=False):
                 break
             if len(resident) == slots:
                 resident.pop(0)
+                evicted += 1
         resident.append(tag)
-    return hits, misses
+    return hits, misses, evicted
 
 
 class Host:
@@ -228,8 +229,9 @@ async def batches(dut):
             order = _order(order, resident)
         host.corrupt = int(index == 1)
         got, flags, c = await host.batch(xb, eb)
-        hits, missed = _lru(order, resident, slots)
+        hits, missed, evicted = _lru(order, resident, slots)
         assert host.requests[asked:] == [(LAYER, tag) for tag in missed], index
+        assert c["evictions"] == evicted, c
         assert (c["rejected"], c["timeouts"]) == (int(index == 1), 0), c
         _check(got, flags, c, xb, eb, int_layer, hits=hits, misses=len(missed))
         seen.add((len(missed) > 0, hits > 0))
@@ -245,12 +247,21 @@ async def batches(dut):
     asked, host.drop, dut.load_timeout.value = len(host.requests), 1, 5000
     got, flags, c = await host.batch(xb, eb)
     dut.load_timeout.value = 0
-    hits, missed = _lru(order, resident, slots, stop_at_miss=True)
+    hits, missed, _ = _lru(order, resident, slots, stop_at_miss=True)
     assert missed and host.requests[asked:] == [(LAYER, missed[0])]
     assert got.shape == (2, d) and not got.any() and flags == {1}
     assert (c["timeouts"], c["loads"], c["hits"]) == (1, 1, hits), c
     report(f"{slots} slots, a request never answered: the batch ends after {c['cycles']} "
            f"cycles (load_timeout 5000) with zero outputs flagged on tuser", test="batches")
+    asked = len(host.requests)
+    order = _order(order, resident)
+    got, flags, c = await host.batch(xb, eb)
+    hits, missed, evicted = _lru(order, resident, slots)
+    assert host.requests[asked:] == [(LAYER, tag) for tag in missed]
+    assert (c["timeouts"], c["evictions"]) == (0, evicted), c
+    _check(got, flags, c, xb, eb, int_layer, hits=hits, misses=len(missed))
+    report(f"{slots} slots, the same batch again: {len(missed)} loads, {hits} hits; equals "
+           f"intmodel.moe_layer", test="batches")
 
     xb, eb = _tokens(norm, 1, seed=41)
     stranger = next(e for e in range(EXPERTS) if e not in _experts(xb, eb, int_layer))
@@ -266,9 +277,12 @@ async def batches(dut):
 @cocotb.test(timeout_time=200, timeout_unit="ms")
 async def steady(dut):
     """Six batches of 16 tokens on streams that never pause: the host sends each record as
-    soon as it is requested, at one byte a cycle. Reports each batch's cycles, stalls and
-    multiplier utilization, and how long a load takes against an expert's compute."""
+    soon as it is requested, at one byte a cycle. A load_timeout of 1000 cycles, shorter than
+    many loads wait for their slot, never fires: only a silent host times out. Reports each
+    batch's cycles, stalls and multiplier utilization, and how long a load takes against an
+    expert's compute."""
     hw, int_layer, norm, host = await _setup(dut, stall=0)
+    dut.load_timeout.value = 1000           # shorter than a load waits for its slot
     p = hw.params
     ffn = ExpertFFN(**PARAMS)
     record = len(host.record(0))
@@ -277,7 +291,7 @@ async def steady(dut):
         got, flags, c = await host.batch(xb, eb)
         assert np.array_equal(got, moe_layer(xb, eb, int_layer)) and flags == {0}
         experts = _experts(xb, eb, int_layer)
-        assert c["multiplies"] == _multiplies(experts, int_layer), c
+        assert c["multiplies"] == _multiplies(experts, int_layer) and not c["timeouts"], c
         routed = sorted(n for tag, n in experts.items() if tag != SHARED_EXPERT)
         peak = c["cycles"] * p.lanes * p.engine.n
         report(f"{hw.slots} slots, steady batch {index}: {len(experts)} experts "
