@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from amaranth import ClockDomain, ClockSignal, Elaboratable, Instance, Module, Signal
+from amaranth import ClockDomain, Elaboratable, Instance, Module, Signal
 from amaranth.lib.cdc import ResetSynchronizer
 
 from ..hls_models.synthetic import DEFAULT_MODEL
@@ -124,15 +124,14 @@ class BoardWrapper(Elaboratable):
 
     def elaborate(self, platform):
         m = Module()
-        m.domains.sync = ClockDomain("sync")
-        clk, lock = Signal(name="pll_clk"), Signal(name="pll_lock")
+        m.domains.sync = sync = ClockDomain("sync")
+        clk, lock = sync.clk, Signal(name="pll_lock")     # the PLL drives the domain's clock
         if self.cfg.family == "ice40":
             clk_in = platform.request(platform.default_clk, dir="-")
         else:
             clk_in = platform.request(platform.default_clk, dir="i")
         self._pll(m, platform, clk_in, clk, lock)
         platform.add_clock_constraint(clk, self.pll_mhz * 1e6)
-        m.d.comb += ClockSignal("sync").eq(clk)
         m.submodules.reset = ResetSynchronizer(~lock, domain="sync")
 
         m.submodules.core = self.core
