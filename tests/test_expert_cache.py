@@ -2,16 +2,14 @@
 ``moefpga cache-sim`` (host/cache_sim.py): victims against models written here, accuracy on
 hand-made routings, refusals."""
 
-import contextlib
-import io
 import random
 
 import numpy as np
 import pytest
+from cli_runner import main
 
 from moefpga.hls_models import synthetic
 from moefpga.hls_models.errors import MoefpgaError
-from moefpga.host import cli
 from moefpga.host.expert_cache import SHARED_EXPERT, ExpertCache, batch_order, make_policy
 from moefpga.host.predictor import (
     GatePredictor,
@@ -191,16 +189,6 @@ def test_history_predictor_learns_transitions():
 
 def test_rank_batch_orders_by_votes_then_rank():
     assert rank_batch(np.array([[4, 1], [1, 2], [3, 1]])) == [1, 3, 4, 2]
-
-
-def main(*args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """``moefpga logits`` and ``moefpga generate``: the backends, the happy paths (as a subprocess, as a
 user runs them) and every refusal (in process, through the same ``main``)."""
 
-import contextlib
-import io
 import json
 import shutil
 import subprocess
@@ -10,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_runner import main
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -27,17 +26,6 @@ VOCAB = 256
 def moefpga(*args):
     return subprocess.run([sys.executable, "-m", "moefpga.host.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=120)
-
-
-def main(*args):
-    """``moefpga`` in process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_user_error(result, *fragments):
