@@ -22,7 +22,6 @@ from ..hls_models.calibrate import (
 )
 from ..hls_models.checkpoint import Checkpoint
 from ..hls_models.errors import MoefpgaError
-from ..hls_models.fidelity import evaluate_layer
 from ..hls_models.quant import GROUP_SIZES, quantize_activations
 from ..hls_models.sparsity import parse_sparsity
 from ..hls_models.synthetic import DEFAULT_MODEL, ensure_default_model
@@ -269,41 +268,6 @@ def _simulator(args, checkpoint, weights, spec):
     return simulate
 
 
-def cmd_eval(args):
-    checkpoint = Checkpoint.open(args.checkpoint)
-    print(format_eval(checkpoint, _eval_layers(checkpoint, args.layers),
-                      [parse_setting(s) for s in args.setting or DEFAULT_SETTINGS], args.tokens))
-
-
-def _eval_layers(checkpoint, text):
-    if text is None:
-        return checkpoint.config.moe_layers
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise MoefpgaError(f"--layers takes comma-separated layer numbers, not {text!r}") from None
-
-
-def format_eval(checkpoint, layers, specs, tokens):
-    """The fidelity table: integer model against the float reference on the pruned weights.
-
-    Evaluation tokens and calibration tokens are drawn apart (different seeds).
-    """
-    hidden = checkpoint.config.hidden_size
-    lines = [f"{'layer':>5}  {'setting':<22}{'cosine':>9}{'rel L2':>9}{'routing':>9}"]
-    for n, layer in enumerate(layers):
-        weights = checkpoint.moe_layer(layer)
-        norm = checkpoint.norm_weight(layer)
-        x = calibration_tokens(hidden, norm, count=tokens, seed=1000 + layer)
-        calibration = calibration_tokens(hidden, norm, seed=layer)
-        for spec in specs:
-            _progress(f"eval: layer {layer} ({n + 1}/{len(layers)}), {spec}")
-            f = evaluate_layer(weights, spec, x, calibration)
-            lines.append(f"{layer:>5}  {str(spec):<22}{f.cosine:>9.5f}{f.rel_l2:>9.5f}"
-                         f"{f.routing_agreement:>8.1%}")
-    return "\n".join(lines)
-
-
 def cmd_demo(args):
     workdir = Path(args.workdir)
     model = ensure_default_model(workdir / "model")
@@ -323,6 +287,7 @@ def cmd_demo(args):
     print(f"\nlayer {layer}, {x.shape[0]} tokens: wrote {workdir}/y_reference.npy and "
           f"y_model.npy ({spec})")
     print("\nfidelity of the bit-accurate integer model against the float reference:")
+    from .evaluate import format_eval  # it imports this module
     print(format_eval(checkpoint, checkpoint.config.moe_layers,
                       [parse_setting(s) for s in DEFAULT_SETTINGS], tokens=256))
 
@@ -369,15 +334,8 @@ def build_parser():
                    help="sim backend: on-chip expert slots (default %(default)s)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("eval", help="fidelity of the integer model against the float reference")
-    checkpoint_arg(p)
-    p.add_argument("--layers", metavar="L,L,...", help="MoE layers to evaluate (default all)")
-    p.add_argument("--setting", action="append", metavar="SPEC",
-                   help="int8|int4[/gG][/N:M], repeatable "
-                        f"(default: {' '.join(DEFAULT_SETTINGS)})")
-    p.add_argument("--tokens", type=_positive_int, default=256,
-                   help="evaluation tokens (default 256)")
-    p.set_defaults(func=cmd_eval)
+    from .evaluate import add_commands as add_eval_commands  # eval; imports this module
+    add_eval_commands(sub, checkpoint_arg)
 
     p = sub.add_parser("demo", help="generate the default model, summarize it, measure fidelity")
     p.add_argument("--workdir", default="build/demo-model", metavar="DIR",
@@ -388,6 +346,8 @@ def build_parser():
     add_commands(sub, checkpoint_arg)
     from .cache_sim import add_commands as add_cache_commands  # cache-sim; imports this module
     add_cache_commands(sub, checkpoint_arg)
+    from .bench import add_commands as add_bench_commands  # bench; imports this module
+    add_bench_commands(sub)
     return parser
 
 
