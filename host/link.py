@@ -143,6 +143,8 @@ class Identity:
     """What a bitstream reports in IDENTIFY: its build parameters (docs/link.md).
 
     ``shared``: 0 no shared expert, 1 a shared expert without gate, 2 with a sigmoid gate.
+    ``fmax_khz``: the clock frequency place and route achieved, in kHz; 0 when unknown (a
+    simulation, or a build that did not report it).
     """
     link_version: int
     record_version: int
@@ -161,8 +163,9 @@ class Identity:
     max_tokens: int
     clock_hz: int
     max_payload: int
+    fmax_khz: int = 0
 
-    _STRUCT = struct.Struct("<BBHBBBHHHHBBBHHIH")
+    _STRUCT = struct.Struct("<BBHBBBHHHHBBBHHIHI")
 
     def to_bytes(self):
         return self._STRUCT.pack(*astuple(self))

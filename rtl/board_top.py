@@ -171,7 +171,8 @@ class BoardTop(wiring.Component):
     IDENTIFY reports the parameters (:attr:`identity`). A HELLO or a RESET message resets the
     layer and the message adapters around it (the slots are emptied, the counters cleared).
     ``load_timeout`` goes to the layer's port of that name (cycles to wait for a requested
-    record; 0 waits forever).
+    record; 0 waits forever). ``fmax_khz`` is reported in IDENTIFY as the clock place and
+    route achieved (0: unknown, as in a simulation).
 
     Members
     -------
@@ -190,7 +191,7 @@ class BoardTop(wiring.Component):
 
     def __init__(self, params, *, hidden, experts, top_k, slots, shared=True, shared_gate=True,
                  layers=1, macs=1, divisor, clock_hz, ack_timeout, retries=8, load_timeout=0,
-                 max_payload=MAX_PAYLOAD):
+                 max_payload=MAX_PAYLOAD, fmax_khz=0):
         self.layer = MoeLayer(params, hidden=hidden, experts=experts, top_k=top_k,
                               slots=slots, shared=shared, shared_gate=shared_gate,
                               layers=layers, macs=macs)
@@ -200,7 +201,8 @@ class BoardTop(wiring.Component):
             n=e.n, weight_bits=e.weight_bits, group_size=params.group_size, hidden=hidden,
             ffn=params.ffn, experts=experts, top_k=top_k,
             shared=0 if not shared else 2 if shared_gate else 1, slots=slots, layers=layers,
-            max_tokens=params.max_tokens, clock_hz=clock_hz, max_payload=max_payload)
+            max_tokens=params.max_tokens, clock_hz=clock_hz, max_payload=max_payload,
+            fmax_khz=fmax_khz)
         self.link = Link(divisor=divisor, identity=self.identity.to_bytes(),
                          ack_timeout=ack_timeout, retries=retries, max_payload=max_payload)
         self.load_timeout = load_timeout

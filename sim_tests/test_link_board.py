@@ -31,7 +31,7 @@ def design():
     p = ExpertFfnParams(**{**FFN, "max_tokens": TOKENS})
     return BoardTop(p, hidden=p.hidden, experts=EXPERTS, top_k=2, slots=SLOTS, layers=LAYERS,
                     macs=EXPERTS + 1, divisor=DIVISOR, clock_hz=12_000_000, ack_timeout=12_000,
-                    load_timeout=0)
+                    load_timeout=0, fmax_khz=27_456)
 
 
 def test_link_board(sim_report):
@@ -111,6 +111,7 @@ async def session(dut):
     await host.send(Type.HELLO)
     kind, payload = await host.receive()
     assert kind == Type.IDENTIFY and Identity.from_bytes(payload) == hw.identity
+    assert hw.identity.fmax_khz == 27_456
 
     rows = np.concatenate([int_layer.router, int_layer.shared_gate[None]]).reshape(-1)
     router = (_multiplier(int_layer.router_mult) + _multiplier(int_layer.shared_gate_mult)

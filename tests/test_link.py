@@ -43,7 +43,8 @@ COBS_EXAMPLES = [
 
 IDENTITY = Identity(link_version=1, record_version=1, lanes=2, m=4, n=2, weight_bits=4,
                     group_size=16, hidden=32, ffn=32, experts=4, top_k=2, shared=2, slots=3,
-                    layers=1, max_tokens=4, clock_hz=12_000_000, max_payload=MAX_PAYLOAD)
+                    layers=1, max_tokens=4, clock_hz=12_000_000, max_payload=MAX_PAYLOAD,
+                    fmax_khz=27_456)
 
 
 @pytest.mark.parametrize(("data", "encoded"), COBS_EXAMPLES)
@@ -100,6 +101,9 @@ def test_frame_payload_limit():
 
 def test_identity_round_trip_and_mismatches():
     assert Identity.from_bytes(IDENTITY.to_bytes()) == IDENTITY
+    # 32 bytes as docs/link.md lays them out; fmax_khz is the last field, a u32.
+    assert len(IDENTITY.to_bytes()) == 32
+    assert IDENTITY.to_bytes()[-4:] == (27_456).to_bytes(4, "little")
     assert IDENTITY.mismatches(lanes=2, slots=3) == []
     assert IDENTITY.mismatches(lanes=4, m=4) == ["lanes: device 2, needed 4"]
     with pytest.raises(MoefpgaError, match="IDENTIFY has 3 bytes"):
