@@ -3,11 +3,13 @@
 The host runs the transformer of :mod:`moefpga.hls_models.transformer` in NumPy and hands every
 MoE layer to a backend (docs/inference.md). A backend is a :class:`MoEBackend`: built once for a
 checkpoint and a :class:`QuantSpec`, it prepares every MoE layer before the first token (so bad
-shapes are refused before any work) and exposes one callable per layer. Accelerator backends
-(``sim``, ``board-sim``, ``serial``) are to subclass :class:`ModelBackend` and override
-:meth:`ModelBackend.run_integer`; until they exist they are refused by name.
+shapes are refused before any work) and exposes one callable per layer. The accelerator backends
+subclass :class:`ModelBackend` through :class:`AcceleratorBackend`, overriding
+:meth:`AcceleratorBackend.run_hardware`, and report their counters at the end of the run
+(:class:`HardwareTally`); ``sim`` runs each layer on the Verilated MoE layer top.
 """
 
+import argparse
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,10 +40,16 @@ from .cli import (
     run_layer,
     save_array,
 )
+from .pack import pack_layer
+from .sim_options import SimOptions
 
-__all__ = ["MoEBackend", "ReferenceBackend", "ModelBackend", "BACKENDS", "PLANNED_BACKENDS",
-           "backend_class", "add_commands", "load_ids", "parse_ids", "stop_ids",
-           "load_tokenizer"]
+__all__ = ["MoEBackend", "ReferenceBackend", "ModelBackend", "AcceleratorBackend", "SimBackend",
+           "HardwareTally", "BACKENDS", "PLANNED_BACKENDS", "SIM_CLOCK_MHZ", "backend_class",
+           "make_backend", "add_commands", "accelerator_args", "load_ids", "parse_ids",
+           "stop_ids", "load_tokenizer"]
+
+#: The sim backend's default clock: the iCEBreaker board top's PLL clock (docs/boards.md).
+SIM_CLOCK_MHZ = 24.0
 
 
 class MoEBackend:
@@ -109,6 +117,7 @@ class ModelBackend(MoEBackend):
         weights = checkpoint.moe_layer(index)
         calibration = default_calibration(checkpoint, index)
         check_run(weights, self.name, self.spec, calibration)
+        self._fit(index, weights)
         int_layer = quantize_layer(weights, self.spec, calibration)
 
         def moe(x):
@@ -116,6 +125,9 @@ class ModelBackend(MoEBackend):
             y = self.run_integer(index, int_layer, xq, exp)
             return (y * int_layer.out_scale).astype(np.float32)
         return moe
+
+    def _fit(self, index, weights):
+        """Refuse layer ``index`` if this backend cannot run it (before it is quantized)."""
 
     def run_integer(self, index, int_layer, xq, exp):
         """int32 outputs ``(T, d)`` of MoE layer ``index`` for int16 tokens ``xq`` with
@@ -126,18 +138,201 @@ class ModelBackend(MoEBackend):
         _warn_rails(self.rails)
 
 
-BACKENDS = {backend.name: backend for backend in (ReferenceBackend, ModelBackend)}
+class HardwareTally:
+    """The accelerator's counters summed over a run, apart for prefill and decode.
+
+    The first call of each MoE layer is its prefill (all prompt tokens); later calls decode
+    (one token each). :meth:`add` takes a call's token count and counters (``cycles``,
+    ``compute``, ``stall``, ``loads``, ``hits``, ``batches`` and, where the hardware counts
+    them, ``multiplies``, ``bytes``, ``predicted``, ``predicted_correct``).
+    """
+
+    PHASES = ("prefill", "decode")
+
+    def __init__(self, layers: int):
+        self.layers = layers
+        self.seen: set[int] = set()
+        self.tokens = Counter()                       # token-layer passes per phase
+        self.counts = {phase: Counter() for phase in self.PHASES}
+
+    def add(self, layer: int, tokens: int, counts: dict) -> None:
+        phase = "decode" if layer in self.seen else "prefill"
+        self.seen.add(layer)
+        self.tokens[phase] += tokens
+        self.counts[phase].update(counts)
+
+    def report(self, title: str, clock_hz: float, clock_source: str,
+               multipliers: int | None = None, prediction: str = "") -> str:
+        """Lines for standard error: per phase the tokens, cycles per token per layer and
+        tokens per second at ``clock_hz`` (from ``clock_source``; MoE layers only); then over
+        the run the shares of cycles computing and stalled, multiplier use (``multiplies`` over
+        ``cycles`` times ``multipliers``), loads, hits, hit rate, bytes streamed and
+        ``prediction`` (else the ``predicted`` counters)."""
+        lines = [f"{title}: the MoE layers' cycles at {clock_hz / 1e6:g} MHz ({clock_source}); "
+                 "host work (attention, norms, LM head) not counted"]
+        for phase in self.PHASES:
+            passes, c = self.tokens[phase], self.counts[phase]
+            if not passes:
+                continue
+            tokens, cycles = passes // self.layers, c["cycles"]
+            rate = f"{tokens * clock_hz / cycles:,.1f} tokens/s" if cycles else "no cycles"
+            lines.append(f"  {phase:<8}{tokens} tokens x {self.layers} MoE layers, "
+                         f"{c['batches']} batches: {cycles:,} cycles, "
+                         f"{cycles / passes:,.0f} per token per layer; {rate}")
+        total = sum(self.counts.values(), Counter())
+        cycles = max(total["cycles"], 1)
+        use = (f"; multipliers busy {total['multiplies'] / (cycles * multipliers):.1%} "
+               f"({total['multiplies']:,} multiplies, {multipliers} multipliers)"
+               if multipliers and "multiplies" in total else "")
+        lines.append(f"  cycles  computing {total['compute'] / cycles:.1%}, stalled on expert "
+                     f"loads {total['stall'] / cycles:.1%}{use}")
+        lookups = total["loads"] + total["hits"]
+        rate = f"hit rate {total['hits'] / lookups:.1%}" if lookups else "no lookups"
+        lines.append(f"  experts {total['loads']:,} loads, {total['hits']:,} hits: {rate}; "
+                     f"{_bytes(total)} streamed")
+        if prediction or total["predicted"]:
+            right = total["predicted_correct"] / max(total["predicted"], 1)
+            lines.append("  predict " + (prediction or f"{total['predicted']:,} experts "
+                                         f"predicted, {right:.1%} of them used"))
+        return "\n".join(lines)
+
+
+def _bytes(total):
+    """Bytes streamed: exact (``bytes``), or bounds (``bytes_min``, ``bytes_max``)."""
+    if total["bytes_min"] != total["bytes_max"]:
+        return (f"{total['bytes_min']:,} to {total['bytes_max']:,} bytes (records differ in "
+                "size and the hardware counts loads, not bytes)")
+    return f"{total['bytes_min']:,} bytes"
+
+
+class AcceleratorBackend(ModelBackend):
+    """The integer model's quantized layers run on an accelerator, with its counters tallied.
+
+    Subclasses implement :meth:`run_hardware` and :meth:`report`; :meth:`finish` prints the
+    report on standard error.
+    """
+
+    def __init__(self, checkpoint, spec):
+        self.tally = HardwareTally(len(checkpoint.config.moe_layers))
+        super().__init__(checkpoint, spec)
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Refuse, before any work, a backend whose tools are not installed."""
+
+    def run_integer(self, index, int_layer, xq, exp):
+        outputs, counts = self.run_hardware(index, int_layer, xq, exp)
+        self.tally.add(index, len(xq), counts)
+        return outputs
+
+    def run_hardware(self, index, int_layer, xq, exp) -> tuple[np.ndarray, dict]:
+        """The int32 outputs of :meth:`ModelBackend.run_integer` from the hardware, and the
+        call's counters (see :class:`HardwareTally`)."""
+        raise NotImplementedError
+
+    def report(self) -> str:
+        raise NotImplementedError
+
+    def finish(self):
+        super().finish()
+        if self.tally.seen:
+            _progress(self.report())
+
+
+def _sim_modules():
+    """``host.sim``, after checking that Verilator is installed; a MoefpgaError otherwise."""
+    try:
+        from . import sim  # needs the simulation extras (amaranth), only for this backend
+        from .sim_build import verilator_root
+    except ImportError as exc:
+        raise MoefpgaError(f"the sim backend needs the simulation extras ({exc}); install "
+                           "them: pip install 'moefpga[sim]'") from None
+    verilator_root()
+    return sim
+
+
+class SimBackend(AcceleratorBackend):
+    """Every MoE layer on the Verilated MoE layer top of ``moefpga run --backend sim``.
+
+    One hardware configuration (:func:`host.sim.hardware_for`, from ``options``) serves every
+    layer; it is built (or taken from the cache) once, after every layer has been sized and
+    quantized. Each call is one simulation: the tokens in batches of at most
+    ``options.max_tokens``, the slots empty at its start. Cycles become time at ``clock_hz``.
+    """
+
+    name = "sim"
+
+    def __init__(self, checkpoint, spec, options: SimOptions | None = None,
+                 clock_hz: float = SIM_CLOCK_MHZ * 1e6):
+        self.sim = _sim_modules()
+        self.options, self.clock_hz = options or SimOptions(), clock_hz
+        self.num_layers = checkpoint.config.num_layers
+        self.hardware = None
+        self.record_sizes: dict[int, list[int]] = {}
+        super().__init__(checkpoint, spec)
+        self.executable = self.sim.build(self.hardware, _progress)
+
+    @classmethod
+    def check_available(cls):
+        _sim_modules()
+
+    @classmethod
+    def from_args(cls, checkpoint, spec, args):
+        options = SimOptions(lanes=args.lanes, max_tokens=args.max_tokens, slots=args.slots)
+        return cls(checkpoint, spec, options, clock_hz=args.clock_mhz * 1e6)
+
+    def _fit(self, index, weights):
+        # Every MoE layer has the checkpoint's sizes (checked on reading), so the hardware
+        # sized for the first serves all.
+        if self.hardware is None:
+            self.hardware = self.sim.hardware_for(weights, self.spec, num_layers=self.num_layers,
+                                                  options=self.options)
+
+    def run_hardware(self, index, int_layer, xq, exp):
+        result = self.sim.run_layer(self.executable, self.hardware, int_layer, index, xq, exp)
+        sizes = self.record_sizes.get(index) or self.record_sizes.setdefault(
+            index, [len(r) for r in pack_layer(int_layer, index, self.hardware.params)])
+        loads = result.counters["loads"]
+        return result.outputs, {**result.counters, "batches": result.batches,
+                                "bytes_min": loads * min(sizes), "bytes_max": loads * max(sizes)}
+
+    def describe(self):
+        p = self.hardware.params
+        return (f"{self.spec}; simulated top with {p.lanes} lanes of {p.engine.n}:{p.m}, "
+                f"T_max {p.max_tokens}, {self.hardware.slots} slots")
+
+    def report(self):
+        p = self.hardware.params
+        return self.tally.report(
+            "sim", self.clock_hz, "--clock-mhz; default the iCEBreaker board top's clock",
+            multipliers=p.lanes * p.engine.n,
+            prediction="none: the host does not prefetch on this backend, and each call "
+                       "starts with empty slots")
+
+
+BACKENDS = {backend.name: backend for backend in (ReferenceBackend, ModelBackend, SimBackend)}
 
 #: Accelerator backends of the host link issue, refused until they plug in.
-PLANNED_BACKENDS = ("sim", "board-sim", "serial")
+PLANNED_BACKENDS = ("board-sim", "serial")
 
 
 def backend_class(name: str) -> type[MoEBackend]:
-    """The backend called ``name``, or a MoefpgaError for a planned one."""
+    """The backend called ``name``, or a MoefpgaError for a planned one or one whose tools
+    are not installed."""
     if name in PLANNED_BACKENDS:
         raise MoefpgaError(f"backend {name!r} cannot run whole models yet; available: "
                            f"{', '.join(BACKENDS)}")
-    return BACKENDS[name]
+    cls = BACKENDS[name]
+    if issubclass(cls, AcceleratorBackend):
+        cls.check_available()
+    return cls
+
+
+def make_backend(cls, checkpoint, spec, args) -> MoEBackend:
+    """Backend ``cls`` for ``checkpoint`` under ``spec``, with the options in ``args`` that it
+    takes (see :func:`accelerator_args`)."""
+    from_args = getattr(cls, "from_args", None)
+    return from_args(checkpoint, spec, args) if from_args else cls(checkpoint, spec)
 
 
 def parse_ids(text: str) -> np.ndarray:
@@ -202,7 +397,7 @@ def _open_checkpoint(args):
 def _build(cls, checkpoint, args):
     """The transformer around the MoE layers of backend ``cls``, and the backend."""
     weights = load_weights(checkpoint)
-    backend = cls(checkpoint, _spec_from_args(args))
+    backend = make_backend(cls, checkpoint, _spec_from_args(args), args)
     _progress(f"{len(backend.layers)} MoE layers ready on backend {args.backend}, "
               f"{backend.describe()}")
     return Transformer(checkpoint.config, weights, backend.layers), backend
@@ -254,13 +449,36 @@ def _timing(prompt_len, times):
 
 def _backend_args(p):
     p.add_argument("--backend", choices=(*BACKENDS, *PLANNED_BACKENDS), default="model",
-                   help="where the MoE layers run (default model; sim, board-sim and serial "
-                        "are planned)")
+                   help="where the MoE layers run (default model; board-sim and serial are "
+                        "planned)")
     p.add_argument("--quant", choices=("int8", "int4"), default="int8")
     p.add_argument("--group-size", type=int, metavar="G",
                    help=f"weights per scale ({', '.join(map(str, GROUP_SIZES))}); "
                         "default: one scale per output channel")
     p.add_argument("--sparsity", default="dense", help="dense or N:M, e.g. 2:4 (default dense)")
+
+
+def _positive_mhz(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of MHz, not {text!r}")
+    return value
+
+
+def accelerator_args(p):
+    """The options of the accelerator backends (the sim backend's as ``moefpga run``'s)."""
+    p.add_argument("--lanes", type=_positive_int, default=SimOptions.lanes, metavar="P",
+                   help="sim backend: engine lanes P (default %(default)s)")
+    p.add_argument("--max-tokens", type=_positive_int, default=SimOptions.max_tokens,
+                   metavar="T", help="sim backend: largest batch T_max (default %(default)s)")
+    p.add_argument("--slots", type=_positive_int, default=SimOptions.slots, metavar="S",
+                   help="sim backend: on-chip expert slots (default %(default)s)")
+    p.add_argument("--clock-mhz", type=_positive_mhz, default=SIM_CLOCK_MHZ, metavar="F",
+                   help="sim backend: the clock that turns simulated cycles into time "
+                        "(default %(default)g, the iCEBreaker board top's)")
 
 
 def add_commands(sub, checkpoint_arg):
@@ -272,6 +490,7 @@ def add_commands(sub, checkpoint_arg):
     p.add_argument("--output", required=True, metavar="LOGITS.npy",
                    help="float32 logits, tokens x vocab")
     _backend_args(p)
+    accelerator_args(p)
     p.set_defaults(func=cmd_logits)
 
     p = sub.add_parser("generate", help="greedy generation with a KV cache")
@@ -281,4 +500,5 @@ def add_commands(sub, checkpoint_arg):
     p.add_argument("--max-new-tokens", type=_positive_int, required=True, metavar="N",
                    help="tokens to generate (fewer if one is the config's eos_token_id)")
     _backend_args(p)
+    accelerator_args(p)
     p.set_defaults(func=cmd_generate)
