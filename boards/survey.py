@@ -49,13 +49,14 @@ def unit(name, cfg):
         return ExpertFFN(**cfg.ffn_kwargs(DEFAULT_MODEL))
     if name == "slots":
         return ExpertSlots(_ffn_params(cfg), slots=cfg.slots, layers=layers,
-                           experts=experts + 1)
+                           experts=experts + 1, memory=cfg.memory)
     if name == "router":
         return Router(hidden=hidden, experts=experts, top_k=top_k, macs=cfg.router_macs,
                       shared_gate=True)
     if name == "moe_layer":
         return MoeLayer(_ffn_params(cfg), hidden=hidden, experts=experts, top_k=top_k,
-                        slots=cfg.slots, layers=layers, macs=cfg.router_macs)
+                        slots=cfg.slots, layers=layers, macs=cfg.router_macs,
+                        slot_memory=cfg.memory)
     raise BoardError(f"unknown unit {name!r}; known: {', '.join(UNITS)}")
 
 

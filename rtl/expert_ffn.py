@@ -18,34 +18,39 @@ from .sparse_matmul import SparseMatmulEngine
 __all__ = ["Combiner", "ExpertFFN", "read_stage"]
 
 
-def read_stage(m, port, valid, ready, want):
-    """Drive a synchronous memory read ``port`` whose data register feeds a stream.
+def read_stage(m, en, valid, ready, want, *, accepted=1):
+    """Drive a synchronous memory read whose data register feeds a stream.
 
     The read data register (and ``valid``) advance only when the stream is empty or
-    transferring (``~valid | ready``); in such a cycle a read is issued if ``want``, and
-    ``valid`` follows ``want``, so the data appears one cycle later and holds until taken.
+    transferring (``~valid | ready``); in such a cycle a read is requested if ``want``, and
+    ``valid`` follows ``want & accepted``, so the data appears one cycle later and holds until
+    taken. A memory that may refuse a read request (``accepted`` low, as a single-port memory
+    in a cycle with a write) leaves ``valid`` low and the address unchanged for a retry.
 
     Parameters
     ----------
     m : Module
         Where the logic goes.
-    port : ReadPort
-        A synchronous read port; its ``en`` is driven here, its ``addr`` by the caller.
+    en : Signal
+        The memory's read enable (a read port's ``en``), driven here; the caller drives its
+        address.
     valid, ready : Signal
         The stream the port's ``data`` feeds (``valid`` is driven here, synchronously).
     want : Value
         The caller has an address to read.
+    accepted : Value
+        The memory accepts a read request in this cycle.
 
     Returns
     -------
     Value
-        True in the cycles a read is issued: the caller advances its address then.
+        True in the cycles a read is issued and accepted: the caller advances its address then.
     """
     advance = ~valid | ready
-    m.d.comb += port.en.eq(advance)
+    m.d.comb += en.eq(advance)
     with m.If(advance):
-        m.d.sync += valid.eq(want)
-    return advance & want
+        m.d.sync += valid.eq(want & accepted)
+    return advance & want & accepted
 
 
 class Combiner(wiring.Component):
@@ -141,7 +146,7 @@ class Combiner(wiring.Component):
             with m.State("EMIT"):
                 last_block = block == blocks - 1
                 last = last_block & (slot == tokens - 1)
-                issue = read_stage(m, rd, self.o.valid, self.o.ready, ~issued)
+                issue = read_stage(m, rd.en, self.o.valid, self.o.ready, ~issued)
                 m.d.comb += rd.addr.eq(slot * self.blocks + block)
                 with m.If(issue):
                     m.d.sync += [
@@ -404,7 +409,7 @@ class ExpertFFN(wiring.Component):
                                  else cmd.ffn_groups * (p.group_size // p.m)) - 1
         h_last_sub = h_sub == W // p.m - 1
         h_last = h_last_sub & h_last_word & (h_token == cmd.tokens - 1)
-        h_issue = read_stage(m, hbuf_r, h_valid, engine.x.ready, hidden_mode & ~h_issued)
+        h_issue = read_stage(m, hbuf_r.en, h_valid, engine.x.ready, hidden_mode & ~h_issued)
         m.d.comb += hbuf_r.addr.eq(h_token * h_words + h_word)
         with m.If(h_issue):
             m.d.sync += [h_slice.eq(h_sub), h_sub.eq(Mux(h_last_sub, 0, h_sub + 1)),

@@ -1,30 +1,177 @@
 """On-chip expert slots: a table of resident experts, LRU replacement, and read-out to the FFN.
 
 :class:`ExpertSlots` holds ``slots`` experts, each a SiLU table and up to the largest expert's
-weight beats (:class:`.expert_ffn_params.ExpertFfnParams`), in synchronous-read memories. A
-loader writes one slot while the FFN reads another; docs/slots.md describes the protocol, the
-word formats and the measured overlap.
+weight beats (:class:`.expert_ffn_params.ExpertFfnParams`), in synchronous-read memories: the
+weight beats in block RAM (:class:`DualPortBeatStore`) or, on the iCE40 UP5K, packed into SPRAM
+(:class:`SpramBeatStore`). A loader writes one slot while the FFN reads another; docs/slots.md
+describes the protocol, the word formats and the measured overlap.
 """
 
-from amaranth import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
-from amaranth.utils import bits_for
+from amaranth.utils import bits_for, exact_log2
 
 from ..hls_models.intmodel import ACT_BITS
 from .expert_ffn import read_stage
 from .expert_ffn_params import SILU_ENTRIES
+from .single_port_memory import SPRAM_DEPTH, SPRAM_WIDTH, SinglePortMemory
 
-__all__ = ["ExpertSlots", "LoadOp", "EventKind", "COUNTER_BITS"]
+__all__ = ["ExpertSlots", "LoadOp", "EventKind", "COUNTER_BITS", "MEMORY_KINDS",
+           "DualPortBeatStore", "SpramBeatStore"]
 
 #: Width of each event counter (they wrap).
 COUNTER_BITS = 32
+
+#: Where the slots' weight beats live: block RAM (a write and a read port), or iCE40 SPRAM.
+MEMORY_KINDS = ("ebr", "spram")
 
 
 def _onehot(index, count):
     """``count`` bits with bit ``index`` set."""
     return Cat(index == i for i in range(count))
+
+
+def _store_members(beat, depth):
+    return {"w_en": In(1), "w_addr": In(range(depth)), "w_data": In(beat),
+            "r_en": In(1), "r_addr": In(range(depth)), "r_ready": Out(1), "r_data": Out(beat)}
+
+
+class DualPortBeatStore(wiring.Component):
+    """``depth`` words of ``beat`` in one memory with a write port and a read port (block RAM).
+
+    A write (``w_en``) takes effect at the end of its cycle. A read request (``r_en``) is
+    always accepted (``r_ready`` is high): the word at ``r_addr`` appears on ``r_data`` in the
+    next cycle and stays there until the next request. Members as :class:`SpramBeatStore`.
+    """
+
+    def __init__(self, beat, depth):
+        self.beat, self.depth = beat, depth
+        super().__init__(_store_members(beat, depth))
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.mem = mem = Memory(shape=self.beat, depth=self.depth, init=[])
+        wr, rd = mem.write_port(), mem.read_port()
+        m.d.comb += [wr.addr.eq(self.w_addr), wr.data.eq(self.w_data), wr.en.eq(self.w_en),
+                     rd.addr.eq(self.r_addr), rd.en.eq(self.r_en), self.r_ready.eq(1),
+                     self.r_data.eq(rd.data)]
+        return m
+
+
+class SpramBeatStore(wiring.Component):
+    """``depth`` engine weight beats in iCE40 SPRAM, without the mantissas' idle bits.
+
+    A weight beat (:attr:`.sparse_matmul_params.SparseMatmulParams.weight_beat`) carries its
+    lanes' mantissas only on the last beat of each quantization group of ``K = G / M`` beats;
+    elsewhere they are 0. The store keeps the beats' entries in one
+    :class:`.single_port_memory.SinglePortMemory` and, in a second one of 16-bit words, the
+    group's mantissas in the side words of the group's first ``ceil(9 P / 16)`` beats. Both
+    memories are SPRAM tiles (``SB_SPRAM256KA``): at P=4, 2:4 int4 three tiles of entries and
+    one of side words hold 16384 beats.
+
+    Contract (that of the slots' read-out): beats are written and read in ascending address
+    order within a group of ``K`` aligned addresses, and a group's first beats are read before
+    its last one. A read returns the entries as written, the mantissas of the group on its last
+    beat (the side words read before it in that group), and 0 as mantissas on every other beat.
+
+    Writes (``w_en``) are always taken, and registered: a beat is written into the SPRAM in the
+    cycle after it is offered (which keeps the writer's logic off the SPRAM's enables), and a
+    group's last beat writes its side words in the ``ceil(9 P / 16)`` cycles after that. A read
+    request (``r_en``) is accepted (``r_ready``) in a cycle in which neither memory writes: a
+    read after a write of the same address sees the written beat. The word of an accepted
+    read appears on ``r_data`` in the next cycle and stays there until the next accepted
+    request.
+
+    Parameters
+    ----------
+    engine : SparseMatmulParams
+        The engine whose weight beats are stored; ``K`` must be a power of two larger than the
+        number of side words.
+    depth : int
+        Number of beats, a multiple of ``K``, at most 16384.
+    spram_model : type or None
+        Passed to :class:`.single_port_memory.SinglePortMemory` (simulation).
+
+    Members
+    -------
+    w_en, w_addr, w_data : In
+    r_en, r_addr : In
+    r_ready : Out(1)
+    r_data : Out(engine.weight_beat)
+    """
+
+    def __init__(self, engine, depth, *, spram_model=None):
+        self.check(engine, depth)
+        beat = engine.weight_beat
+        self.entry_bits  = beat["entries"].shape.size
+        self.mant_bits   = beat["mant"].shape.size
+        self.group_beats = engine.beats_per_group
+        self.side_words  = -(-self.mant_bits // SPRAM_WIDTH)
+        self.depth = depth
+        self.spram_model = spram_model
+        super().__init__(_store_members(beat, depth))
+
+    @staticmethod
+    def check(engine, depth):
+        """Raise ``ValueError`` unless ``depth`` beats of ``engine`` fit this store."""
+        K, words = engine.beats_per_group, -(-engine.weight_beat["mant"].shape.size // SPRAM_WIDTH)
+        if K & (K - 1) or words >= K:
+            raise ValueError(f"SPRAM slots need G / M beats per group to be a power of two "
+                             f"larger than the {words} side words of the mantissas, not {K}")
+        if depth % K or depth > SPRAM_DEPTH:
+            raise ValueError(f"SPRAM slots hold a multiple of {K} beats up to {SPRAM_DEPTH}, "
+                             f"not {depth}")
+
+    def elaborate(self, platform):
+        m = Module()
+        K, words = self.group_beats, self.side_words
+        phase_bits = exact_log2(K)
+        memory = dict(spram=True, spram_model=self.spram_model)
+        m.submodules.entries = entries = SinglePortMemory(self.entry_bits, self.depth, **memory)
+        m.submodules.side = side = SinglePortMemory(SPRAM_WIDTH, self.depth, **memory)
+        w_en, w_addr = Signal(), Signal(range(self.depth))
+        w_data = Signal(Value.cast(self.w_data).shape())
+        m.d.sync += [w_en.eq(self.w_en), w_addr.eq(self.w_addr), w_data.eq(self.w_data)]
+
+        # Writes, a cycle late: the entries; a group's mantissas, on its last beat, into the
+        # side words of its first beats, one per cycle after it.
+        pending   = Signal(words * SPRAM_WIDTH)
+        side_addr = Signal(range(self.depth))
+        side_left = Signal(range(words + 1))
+        m.d.comb += [
+            entries.w_en.eq(w_en), entries.w_addr.eq(w_addr),
+            entries.w_data.eq(w_data[:self.entry_bits]),
+            side.w_en.eq(side_left != 0), side.w_addr.eq(side_addr),
+            side.w_data.eq(pending[:SPRAM_WIDTH]),
+        ]
+        with m.If(w_en & (w_addr[:phase_bits] == K - 1)):
+            m.d.sync += [pending.eq(w_data[self.entry_bits:]),
+                         side_addr.eq(w_addr - (K - 1)), side_left.eq(words)]
+        with m.Elif(side_left != 0):
+            m.d.sync += [pending.eq(pending[SPRAM_WIDTH:]), side_addr.eq(side_addr + 1),
+                         side_left.eq(side_left - 1)]
+
+        # Reads: both memories at one address; the side words of a group's first beats are
+        # collected and given as the mantissas of its last beat.
+        accept = Signal()
+        fresh, phase = Signal(), Signal(phase_bits)
+        collected = Signal(words * SPRAM_WIDTH)
+        m.d.comb += [
+            self.r_ready.eq(entries.r_ready & side.r_ready),
+            accept.eq(self.r_en & self.r_ready),
+            entries.r_en.eq(accept), entries.r_addr.eq(self.r_addr),
+            side.r_en.eq(accept), side.r_addr.eq(self.r_addr),
+        ]
+        m.d.sync += fresh.eq(accept)
+        with m.If(accept):
+            m.d.sync += phase.eq(self.r_addr[:phase_bits])
+        with m.If(fresh & (phase < words)):
+            m.d.sync += collected.eq(Cat(collected[SPRAM_WIDTH:], side.r_data))
+        m.d.comb += self.r_data.eq(Cat(entries.r_data,
+                                       Mux(phase == K - 1, collected[:self.mant_bits], 0)))
+        return m
 
 
 class LoadOp(enum.Enum, shape=2):
@@ -104,6 +251,15 @@ class ExpertSlots(wiring.Component):
         Number of slots, at least 1.
     layers, experts : int
         Number of layers and of experts per layer; they size the tag.
+    memory : str
+        Where the weight beats live (:data:`MEMORY_KINDS`): ``"ebr"`` (default), one block-RAM
+        memory with a write and a read port (:class:`DualPortBeatStore`); ``"spram"``, iCE40
+        SPRAM (:class:`SpramBeatStore`): a read-out beat waits a cycle in each cycle the loader
+        writes, and the mantissa fields of a beat that is not the last of its quantization
+        group are not stored (read back as 0, as the engine's weight beats have them).
+    spram_model : type or None
+        With ``memory="spram"``, a model of ``SB_SPRAM256KA`` for simulation
+        (:class:`.single_port_memory.SpramModel`).
 
     Attributes
     ----------
@@ -134,16 +290,22 @@ class ExpertSlots(wiring.Component):
         Events sent so far, by kind, ``COUNTER_BITS`` each.
     """
 
-    def __init__(self, params, *, slots, layers, experts):
+    def __init__(self, params, *, slots, layers, experts, memory="ebr", spram_model=None):
         for name, value in [("slots", slots), ("layers", layers), ("experts", experts)]:
             if not isinstance(value, int) or value <= 0:
                 raise TypeError(f"{name} must be a positive integer, not {value!r}")
+        if memory not in MEMORY_KINDS:
+            raise ValueError(f"memory must be one of {', '.join(MEMORY_KINDS)}, not {memory!r}")
+        self.memory   = memory
+        self.spram_model = spram_model
         self.params   = params
         self.slots    = slots
         self.experts  = experts
         self.capacity = 3 * params.hidden * params.ffn // (params.lanes * params.m)
 
         beat = params.engine.weight_beat
+        if memory == "spram":
+            SpramBeatStore.check(params.engine, slots * self.capacity)
         slot = unsigned(max(1, bits_for(slots - 1)))
         self.slot_shape = slot
         self.tag = data.StructLayout({"layer":  unsigned(max(1, bits_for(layers - 1))),
@@ -183,12 +345,15 @@ class ExpertSlots(wiring.Component):
 
         m.submodules.silu_mem = silu_mem = Memory(shape=signed(ACT_BITS),
                                                   depth=S * SILU_ENTRIES, init=[])
-        m.submodules.w_mem = w_mem = Memory(shape=self.params.engine.weight_beat,
-                                            depth=S * cap, init=[])
+        if self.memory == "spram":
+            w_store = SpramBeatStore(self.params.engine, S * cap, spram_model=self.spram_model)
+        else:
+            w_store = DualPortBeatStore(self.params.engine.weight_beat, S * cap)
+        m.submodules.w_store = w_store
         silu_wr, silu_rd = silu_mem.write_port(), silu_mem.read_port()
-        w_wr, w_rd = w_mem.write_port(), w_mem.read_port()
 
-        # The table.
+        # The table; `bases` are the slots' first weight-beat addresses (constants, no multiply).
+        bases  = Array(Const(s * cap, range(S * cap + 1)) for s in range(S))
         valid  = Signal(S)
         tags   = Array(Signal(self.tag.size, name=f"tag{s}") for s in range(S))
         counts = Array(Signal(range(cap + 1), name=f"count{s}") for s in range(S))
@@ -272,7 +437,7 @@ class ExpertSlots(wiring.Component):
         matches = Cat(valid[s] & (tags[s] == begin_tag) for s in range(S))
         with m.If(ld_go & ~loading & (op == LoadOp.BEGIN)):
             m.d.sync += [loading.eq(1), load_slot.eq(victim), load_tag.eq(begin_tag),
-                         count.eq(0), overflow.eq(0), w_addr.eq(victim * cap),
+                         count.eq(0), overflow.eq(0), w_addr.eq(bases[victim]),
                          valid.eq(valid & ~matches & ~_onehot(victim, S))]
         with m.If(ld_go & loading & (op != LoadOp.WORD)):
             m.d.sync += loading.eq(0)
@@ -284,16 +449,16 @@ class ExpertSlots(wiring.Component):
             silu_wr.addr.eq(Cat(count[:ACT_BITS], load_slot)),
             silu_wr.data.eq(ld.payload.data[:ACT_BITS]),
             silu_wr.en.eq(word & (count < SILU_ENTRIES)),
-            w_wr.addr.eq(w_addr),
-            w_wr.data.eq(ld.payload.data),
-            w_wr.en.eq(word & (count >= SILU_ENTRIES) & (count < self.words)),
+            w_store.w_addr.eq(w_addr),
+            w_store.w_data.eq(ld.payload.data[:self.params.engine.weight_beat.size]),
+            w_store.w_en.eq(word & (count >= SILU_ENTRIES) & (count < self.words)),
         ]
         with m.If(word):
             with m.If(count < self.words):
                 m.d.sync += count.eq(count + 1)
             with m.Else():
                 m.d.sync += overflow.eq(1)
-        with m.If(w_wr.en):
+        with m.If(w_store.w_en):
             m.d.sync += w_addr.eq(w_addr + 1)
 
         # Lookup: a claiming hit is also a read, so it waits while a read is queued or offered.
@@ -360,19 +525,20 @@ class ExpertSlots(wiring.Component):
             m.d.sync += [r_active.eq(q_valid | take), q_valid.eq(0)]
             with m.If(q_valid | take):
                 m.d.sync += [r_slot.eq(next_slot), silu_i.eq(0),
-                             w_left.eq(counts[next_slot]), r_addr.eq(next_slot * cap)]
+                             w_left.eq(counts[next_slot]), r_addr.eq(bases[next_slot])]
         with m.Elif(take):
             m.d.sync += [q_valid.eq(1), q_slot.eq(take_slot)]
-        with m.If(read_stage(m, silu_rd, self.silu.valid, self.silu.ready,
+        with m.If(read_stage(m, silu_rd.en, self.silu.valid, self.silu.ready,
                               r_active & (silu_i != SILU_ENTRIES))):
             m.d.sync += silu_i.eq(silu_i + 1)
-        with m.If(read_stage(m, w_rd, self.w.valid, self.w.ready, r_active & (w_left != 0))):
+        with m.If(read_stage(m, w_store.r_en, self.w.valid, self.w.ready,
+                              r_active & (w_left != 0), accepted=w_store.r_ready)):
             m.d.sync += [w_left.eq(w_left - 1), r_addr.eq(r_addr + 1)]
         m.d.comb += [
             silu_rd.addr.eq(Cat(silu_i[:ACT_BITS], r_slot)),
-            w_rd.addr.eq(r_addr),
+            w_store.r_addr.eq(r_addr),
             self.silu.payload.eq(silu_rd.data),
-            self.w.payload.eq(w_rd.data),
+            self.w.payload.eq(w_store.r_data),
             in_use.eq(Mux(r_active, _onehot(r_slot, S), 0) | Mux(q_valid, _onehot(q_slot, S), 0)),
         ]
         return m

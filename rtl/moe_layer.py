@@ -79,6 +79,9 @@ class MoeLayer(wiring.Component):
         Layers whose experts the slots may hold (the ``layer`` port's range).
     macs : int
         Multiply-accumulate units of the router.
+    slot_memory : str
+        Where the slots keep weight beats: ``"ebr"`` (block RAM) or ``"spram"`` (iCE40 SPRAM);
+        see :class:`.expert_slots.ExpertSlots`'s ``memory``.
 
     Members
     -------
@@ -127,7 +130,7 @@ class MoeLayer(wiring.Component):
     """
 
     def __init__(self, params, *, hidden, experts, top_k, slots, shared=True, shared_gate=True,
-                 layers=1, macs=1):
+                 layers=1, macs=1, slot_memory="ebr"):
         p = params
         if not isinstance(hidden, int) or not 0 < hidden <= p.hidden or any(
                 hidden % q for q in (p.m, p.lanes, p.group_size)):
@@ -144,6 +147,7 @@ class MoeLayer(wiring.Component):
         self.shared_gate = shared_gate
         self.layers      = layers
         self.macs        = macs
+        self.slot_memory = slot_memory
         self.counters_layout = data.StructLayout({
             name: unsigned(COUNTER_BITS)
             for name in ("cycles", "compute", "stall", "loads", "hits", "rejected",
@@ -176,7 +180,7 @@ class MoeLayer(wiring.Component):
         m.submodules.loader = loader = ExpertLoader(p, layers=self.layers, experts=E,
                                                     slots=self.slots)
         m.submodules.slots = slots = ExpertSlots(p, slots=self.slots, layers=self.layers,
-                                                 experts=E + 1)
+                                                 experts=E + 1, memory=self.slot_memory)
         m.submodules.ffn = ffn = ExpertFFN(
             lanes=P, m=M, n=p.engine.n, weight_bits=p.engine.weight_bits,
             group_size=p.group_size, max_tokens=T, hidden=p.hidden, ffn=p.ffn,

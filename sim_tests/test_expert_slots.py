@@ -6,7 +6,8 @@ begin), reads of random slots and lookups at the same time, with random stalls o
 and back-pressure on every output. A monitor feeds each cycle's transfers to
 ``SlotsModel`` (``test_expert_slots_blocks.py``), which predicts every victim, event, lookup
 answer and read-out; a slot being read is checked never to be written. ``overlap`` times a load
-into one slot while the other is read, on streams that never stall.
+into one slot while the other is read, on streams that never stall. Both run on the block-RAM
+slots and on the SPRAM slots (with a behavioural model of ``SB_SPRAM256KA``).
 """
 
 import random
@@ -20,29 +21,34 @@ from test_expert_slots_blocks import SlotsModel
 
 from moefpga.rtl.expert_ffn_params import SILU_ENTRIES, ExpertFfnParams
 from moefpga.rtl.expert_slots import EventKind, ExpertSlots, LoadOp
+from moefpga.rtl.single_port_memory import SpramModel
 
 FFN = dict(lanes=2, m=4, n=2, weight_bits=4, group_size=16, max_tokens=1, hidden=32, ffn=32)
 LAYERS, EXPERTS = 2, 4
-SLOTS = sweep(default=[1, 2], full=[4])
+# (slots, memory of the weight beats)
+CONFIGS = sweep(default=[(1, "ebr"), (2, "ebr"), (2, "spram")], full=[(4, "ebr")])
 
 
-def _slots(slots):
-    return ExpertSlots(ExpertFfnParams(**FFN), slots=slots, layers=LAYERS, experts=EXPERTS)
+def _slots(slots, memory):
+    return ExpertSlots(ExpertFfnParams(**FFN), slots=slots, layers=LAYERS, experts=EXPERTS,
+                       memory=memory, spram_model=SpramModel)
 
 
-@pytest.mark.parametrize("slots", SLOTS, ids=lambda s: f"slots{s}")
-def test_expert_slots(slots, sim_report):
-    dut = _slots(slots)
-    records = run(dut, name="expert_slots", config=f"slots{slots}_{dut.params.name}",
-                  test_module=__name__, parameters={"slots": slots})
+@pytest.mark.parametrize(("slots", "memory"), CONFIGS, ids=[f"slots{s}_{m}" for s, m in CONFIGS])
+def test_expert_slots(slots, memory, sim_report):
+    dut = _slots(slots, memory)
+    records = run(dut, name="expert_slots", config=f"slots{slots}_{memory}_{dut.params.name}",
+                  test_module=__name__, parameters={"slots": slots, "memory": memory})
     sim_report.extend(record["text"] for record in records)
     assert {record["test"] for record in records} == {"random_traffic", "overlap"}
     overlap = next(record for record in records if record["test"] == "overlap")
     alone = overlap["read"] + overlap["load"]
     if slots == 1:
         assert overlap["together"] >= alone
-    else:
+    elif memory == "ebr":
         assert overlap["together"] <= max(overlap["read"], overlap["load"]) + 2
+    else:       # SPRAM: a read waits in every cycle the load writes a weight word
+        assert overlap["together"] < alone
 
 
 class Slots:
@@ -50,13 +56,19 @@ class Slots:
 
     def __init__(self, dut, *, seed, stall):
         self.dut = dut
-        self.hw = _slots(params()["slots"])
+        self.hw = _slots(params()["slots"], params()["memory"])
         self.sources = {name: stream_source(dut, name, seed=seed + i, stall=stall)
                         for i, name in enumerate(["load", "read", "lookup"])}
         self.sinks = {name: stream_sink(dut, name, seed=seed + 3 + i, stall=stall)
                       for i, name in enumerate(["found", "event", "silu", "w"])}
         self.data_bits = self.hw.load_beat["data"].shape.width
-        self.beat_bits = self.hw.params.engine.weight_beat.size
+        engine = self.hw.params.engine
+        self.beat_bits = engine.weight_beat.size
+        self.group_beats = engine.beats_per_group
+        # SPRAM slots keep a beat's mantissas only on the last beat of its group.
+        entry_bits = engine.weight_beat["entries"].shape.size
+        self.mant_kept = ((1 << self.beat_bits) - 1 if self.hw.memory == "ebr"
+                          else (1 << entry_bits) - 1)
         self.layer_bits = self.hw.tag["layer"].shape.width
 
     def tag_bits(self, tag):
@@ -82,6 +94,11 @@ class Slots:
         """SiLU words with junk above bit 7, then weight beats."""
         return ([rng.getrandbits(self.data_bits) for _ in range(SILU_ENTRIES)]
                 + [rng.getrandbits(self.beat_bits) for _ in range(weights)])
+
+    def stored(self, index, word):
+        """What the slot gives back for ``word``, its weight beat ``index``."""
+        last = index % self.group_beats == self.group_beats - 1
+        return word & ((1 << self.beat_bits) - 1 if last else self.mant_kept)
 
     def received(self, name):
         sink, out = self.sinks[name], []
@@ -162,7 +179,7 @@ class Monitor:
             slot = cycle["read"] if cycle["read"] is not None else found[1]
             self.reading.append([slot, len(contents[0]) + len(contents[1])])
             self.silu += [word & 0xff for word in contents[0]]
-            self.w += [word & ((1 << s.beat_bits) - 1) for word in contents[1]]
+            self.w += [s.stored(i, word) for i, word in enumerate(contents[1])]
 
     async def _watch(self):
         previous = None

@@ -313,3 +313,17 @@ def test_read_queue():
     sim.add_clock(1e-6)
     sim.add_testbench(bench)
     sim.run()
+
+
+def test_memory_kind_checked():
+    params = ExpertFfnParams(**TINY)
+    with pytest.raises(ValueError, match="memory must be one of ebr, spram, not 'bram'"):
+        ExpertSlots(params, slots=2, layers=1, experts=2, memory="bram")
+    # G / M = 2 beats a group cannot carry the 2 side words of two lanes' mantissas.
+    coarse = ExpertFfnParams(**{**TINY, "group_size": 8})
+    with pytest.raises(ValueError, match="larger than the 2 side words of the mantissas, not 2"):
+        ExpertSlots(coarse, slots=2, layers=1, experts=2, memory="spram")
+    # 6 slots of 3 d f / (P M) = 3 * 64 * 128 / (2 * 4) = 3072 beats exceed an SPRAM's depth.
+    big = ExpertFfnParams(**{**TINY, "hidden": 64, "ffn": 128})
+    with pytest.raises(ValueError, match="up to 16384, not 18432"):
+        ExpertSlots(big, slots=6, layers=1, experts=2, memory="spram")
