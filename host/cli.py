@@ -28,7 +28,9 @@ from ..hls_models.synthetic import DEFAULT_MODEL, ensure_default_model
 from .sim_options import SimOptions
 from .storage import layer_storage_table
 
-BACKENDS = ("reference", "model", "sim")
+BACKENDS = ("reference", "model", "sim", "board-sim", "serial")
+#: The backends that run on the accelerator over the host link (host/accelerator.py).
+LINK_BACKENDS = ("board-sim", "serial")
 
 #: What ``moefpga eval`` compares when no ``--setting`` is given.
 DEFAULT_SETTINGS = ("int8", "int8/2:4", "int4/g32", "int4/g32/2:4")
@@ -144,7 +146,8 @@ def run_layer(weights, x, backend, spec, calibration, simulate=None):
     The model backend warns (standard error) when requantized values sit at the limits of
     their widths, the sign that the calibration tokens did not cover these inputs. The sim
     backend calls ``simulate(int_layer, xq, exp)`` for the int32 outputs and scales them as the
-    model backend does. Call :func:`check_run` first.
+    model backend does; so do the link backends (board-sim, serial). Call :func:`check_run`
+    first.
     """
     if backend == "reference":
         y = reference.moe_layer(x, prune_layer(weights, spec.sparsity))
@@ -154,7 +157,7 @@ def run_layer(weights, x, backend, spec, calibration, simulate=None):
         return y
     int_layer = quantize_layer(weights, spec, calibration)
     xq, exp = quantize_activations(x)
-    if backend == "sim":
+    if simulate is not None:
         y = simulate(int_layer, xq, exp)
     else:
         rails = Counter()
@@ -233,7 +236,8 @@ def cmd_run(args):
                    if args.calibration else default_calibration(checkpoint, args.layer))
     weights = checkpoint.moe_layer(args.layer)
     check_run(weights, args.backend, spec, calibration)
-    simulate = _simulator(args, checkpoint, weights, spec) if args.backend == "sim" else None
+    simulate = (_simulator(args, checkpoint, weights, spec) if args.backend == "sim" else
+                _accelerator(args, checkpoint) if args.backend in LINK_BACKENDS else None)
     setting = spec if args.backend != "reference" else f"float32 {spec.sparsity}"
     _progress(f"layer {args.layer}: {x.shape[0]} tokens on backend {args.backend}, {setting}")
     y = run_layer(weights, x, args.backend, spec, calibration, simulate)
@@ -266,6 +270,55 @@ def _simulator(args, checkpoint, weights, spec):
         return result.outputs
 
     return simulate
+
+
+def _accelerator(args, checkpoint):
+    """The link backends' ``simulate(int_layer, xq, exp)`` for ``run_layer``: one session with
+    the twin (board-sim) or the board on ``--port`` (serial) through host/accelerator.py,
+    printing the device, the counters and the cache report. Options that do not belong to the
+    backend are refused before any work."""
+    if args.backend == "serial" and not args.port:
+        raise MoefpgaError("--backend serial needs --port (the board's serial port)")
+    if args.backend == "serial" and args.board:
+        raise MoefpgaError("--board is for --backend board-sim (the twin of that board)")
+    if args.backend == "board-sim" and args.port:
+        raise MoefpgaError("--port is for --backend serial; board-sim opens its own "
+                           "pseudo-terminal")
+    try:
+        from .accelerator import open_accelerator  # needs the simulation extras (amaranth)
+        if args.backend == "board-sim":
+            from .sim_build import verilator_root
+            verilator_root()   # no Verilator: refused before any work
+    except ImportError as exc:
+        raise MoefpgaError(f"the {args.backend} backend needs the simulation extras ({exc}); "
+                           "install them: pip install 'moefpga[sim]'") from None
+
+    def simulate(int_layer, xq, exp):
+        options = SimOptions(lanes=args.lanes, max_tokens=args.max_tokens, slots=args.slots)
+        with open_accelerator(args.backend, {args.layer: int_layer},
+                              num_layers=checkpoint.config.num_layers, port=args.port,
+                              baud=args.baud, board=args.board, options=options,
+                              policy=args.policy, predictor=args.predictor,
+                              progress=_progress) as accelerator:
+            print(format_identity(accelerator.identity))
+            y = accelerator.run_layer(args.layer, xq, exp)
+            stats = accelerator.stats
+        print(f"{args.backend} layer {args.layer}: {stats.tokens} tokens in {stats.batches} "
+              f"batches, policy {args.policy}, predictor {args.predictor}")
+        print(stats.summary())
+        return y
+
+    return simulate
+
+
+def format_identity(identity):
+    """One line describing the device from its IDENTIFY."""
+    i = identity
+    sparsity = "dense" if i.m == i.n else f"{i.n}:{i.m}"
+    fmax = f"Fmax {i.fmax_khz / 1000:g} MHz" if i.fmax_khz else "Fmax unknown"
+    return (f"device: {i.lanes} lanes, {sparsity} int{i.weight_bits} G={i.group_size}, hidden "
+            f"{i.hidden}, ffn {i.ffn}, {i.experts} experts top-{i.top_k}, {i.slots} slots, "
+            f"T_max {i.max_tokens}, clock {i.clock_hz / 1e6:g} MHz, {fmax}")
 
 
 def cmd_demo(args):
@@ -332,6 +385,18 @@ def build_parser():
                    metavar="T", help="sim backend: largest batch T_max (default %(default)s)")
     p.add_argument("--slots", type=_positive_int, default=SimOptions.slots, metavar="S",
                    help="sim backend: on-chip expert slots (default %(default)s)")
+    p.add_argument("--port", help="serial backend: the board's serial port, e.g. /dev/ttyUSB1")
+    p.add_argument("--baud", type=_positive_int, default=115200,
+                   help="serial backend: baud rate (default %(default)s)")
+    p.add_argument("--board", metavar="NAME",
+                   help="board-sim backend: the twin of this board (boards/NAME.yaml, sized "
+                        "for the default model); default: sized for the layer like --backend "
+                        "sim")
+    p.add_argument("--policy", choices=("lru", "lfu"), default="lru",
+                   help="board-sim/serial: the host's cache policy (default %(default)s)")
+    p.add_argument("--predictor", choices=("gate", "history", "none"), default="none",
+                   help="board-sim/serial: next-layer predictor for prefetches (default "
+                        "%(default)s)")
     p.set_defaults(func=cmd_run)
 
     from .evaluate import add_commands as add_eval_commands  # eval; imports this module

@@ -230,7 +230,9 @@ class Link:
         for k, chunk in enumerate(chunks):
             self._send_frame(Frame(kind, self._tx_seq, chunk, k < len(chunks) - 1))
 
-    def _send_frame(self, frame):
+    def _send_frame(self, frame, answered=lambda: False):
+        """Send ``frame`` until its ACK comes, or ``answered()`` holds (an answer that implies
+        the peer took it)."""
         wire = encode_frame(frame)
         for attempt in range(self.retries + 1):
             self._acked = self._naked = None
@@ -238,12 +240,12 @@ class Link:
             self.stats["sent"] += 1
             self.stats["retransmitted"] += attempt > 0
             deadline = time.monotonic() + self.timeout
-            while self._acked != frame.seq and self._naked != frame.seq:
+            while self._acked != frame.seq and self._naked != frame.seq and not answered():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._pump(remaining)
-            if self._acked == frame.seq:
+            if self._acked == frame.seq or answered():
                 self._tx_seq = (frame.seq + 1) % _SEQ
                 return
         raise MoefpgaError(f"link: {Type(frame.type).name} frame {frame.seq} was not "
@@ -279,7 +281,10 @@ class Link:
         self._inbox.clear()
         self._fragments = None
         self.transport.write(b"\0")            # ends any partial frame at the device
-        self.send(Type.HELLO)
+        # An IDENTIFY shows the device took the HELLO, even if its ACK was lost: saying HELLO
+        # again would restart the device a second time.
+        self._send_frame(Frame(Type.HELLO, self._tx_seq, b""), answered=lambda: any(
+            message.type == Type.IDENTIFY for message in self._inbox))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             while self._inbox:

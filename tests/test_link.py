@@ -249,6 +249,26 @@ def test_lost_ack_gives_a_duplicate_applied_once():
         peer.stop()
 
 
+def test_identify_acknowledges_hello():
+    """The ACK of HELLO is lost but IDENTIFY arrives: the host takes IDENTIFY as the answer
+    and does not say HELLO again (which would restart the device a second time)."""
+    dropped = []
+
+    def lose_hello_ack(data):
+        if not dropped and data != b"\0" and decode_frame(data.strip(b"\0")).type == Type.ACK:
+            dropped.append(data)
+            return b""
+        return data
+
+    host, peer = _pair(device_fault=lose_hello_ack, timeout=1.0)
+    try:
+        assert host.hello(timeout=5) == IDENTITY
+        assert dropped and host.stats["retransmitted"] == 0
+        assert [m.type for m in peer.received] == [Type.HELLO]
+    finally:
+        peer.stop()
+
+
 def test_resync_after_garbage_truncation_bad_crc_and_unknown_type():
     """Written straight into the receiving side: garbage, a cut frame, a frame with a bad CRC,
     a frame of an unknown type, then a good frame. Only the good frame is delivered; the broken

@@ -1,0 +1,192 @@
+"""The accelerator session (host/accelerator.py) and ``moefpga run --backend serial|board-sim``
+against peers that are not a working device: nothing on the line, garbage, a device built for
+other hardware; and the options that do not belong to a backend. Pure Python: the peers are
+threads on a pseudo-terminal; the Verilator twin is tested in sim_tests/test_board_sim.py."""
+
+import errno
+import os
+import random
+import select
+import threading
+import time
+
+import numpy as np
+import pytest
+from cli_runner import main
+
+from moefpga.hls_models.calibrate import QuantSpec, calibration_tokens, quantize_layer
+from moefpga.hls_models.checkpoint import Checkpoint
+from moefpga.hls_models.errors import MoefpgaError
+from moefpga.hls_models.synthetic import write_checkpoint
+from moefpga.host.accelerator import open_accelerator, router_message, token_message
+from moefpga.host.cli import default_calibration
+from moefpga.host.link import LINK_VERSION, MAX_PAYLOAD, Identity, Link, Type
+from moefpga.rtl.expert_stream import VERSION
+
+
+def read_master(fd, limit, timeout):
+    """What the host wrote to the pseudo-terminal, or b"" after ``timeout`` seconds (also
+    while no one has the slave open, when the master reads as an I/O error)."""
+    if select.select([fd], [], [], max(timeout, 0.0))[0]:
+        try:
+            return os.read(fd, limit)
+        except OSError as error:
+            if error.errno != errno.EIO:
+                raise
+            time.sleep(timeout)
+    return b""
+
+
+class MasterTransport:
+    """The device's end of a pseudo-terminal: its master file descriptor as a Transport."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def read(self, limit, timeout):
+        return read_master(self.fd, limit, timeout)
+
+    def write(self, data):
+        os.write(self.fd, data)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def pty():
+    """A pseudo-terminal: (master fd, slave path); the slave is closed so the host can open
+    it exclusively."""
+    master, slave = os.openpty()
+    path = os.ttyname(slave)
+    os.close(slave)
+    yield master, path
+    os.close(master)
+
+
+def serve(target):
+    """Run ``target(stop)`` in a thread until the test's block ends."""
+    stop = threading.Event()
+    thread = threading.Thread(target=target, args=(stop,), daemon=True)
+    thread.start()
+    return stop, thread
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("accelerator")
+    path = write_checkpoint(folder / "ck", "qwen2_moe", num_layers=2, hidden_size=32,
+                            num_experts=4, top_k=2, expert_ffn_size=32,
+                            shared_expert_ffn_size=32, vocab_size=64)
+    np.save(folder / "x.npy", calibration_tokens(32, count=5, seed=1).astype(np.float32))
+    return path, folder / "x.npy"
+
+
+def _run(checkpoint, tmp_path, *args):
+    path, x = checkpoint
+    return main("run", "--checkpoint", path, "--layer", 0, "--input", x, "--output",
+                tmp_path / "y.npy", "--quant", "int4", "--sparsity", "2:4", *args)
+
+
+def test_device_for_other_hardware_is_refused(checkpoint, tmp_path, pty):
+    """A device whose IDENTIFY does not fit the layer: one error line naming each mismatch,
+    exit status 2, nothing written."""
+    master, path = pty
+    identity = Identity(link_version=LINK_VERSION, record_version=VERSION, lanes=4, m=4, n=2,
+                        weight_bits=4, group_size=32, hidden=128, ffn=256, experts=8, top_k=2,
+                        shared=2, slots=2, layers=1, max_tokens=4, clock_hz=24_000_000,
+                        max_payload=MAX_PAYLOAD, fmax_khz=27_456)
+
+    def device(stop):
+        link = Link(MasterTransport(master), timeout=0.2)
+        while not stop.is_set():
+            try:
+                if link.receive(0.05).type == Type.HELLO:
+                    link.send(Type.IDENTIFY, identity.to_bytes())
+            except MoefpgaError:
+                pass
+
+    stop, thread = serve(device)
+    code, out, err = _run(checkpoint, tmp_path, "--backend", "serial", "--port", path)
+    stop.set()
+    thread.join(5)
+    assert code == 2 and out == ""
+    assert err.splitlines()[-1] == (
+        "moefpga: error: the device does not fit this model: hidden: device 128, needed 32; "
+        "experts: device 8, needed 4; layers: device 1, needed at least 2")
+    assert "Traceback" not in err and not (tmp_path / "y.npy").exists()
+
+
+def test_garbage_peer_is_one_error(checkpoint, tmp_path, pty):
+    """A peer that sends only random bytes: one error line after the HELLO's tries."""
+    master, path = pty
+
+    def garbage(stop):
+        rng = random.Random(1)
+        while not stop.is_set():
+            os.write(master, bytes(rng.randrange(256) for _ in range(64)))
+            read_master(master, 4096, 0.01)      # swallow what the host sends
+
+    stop, thread = serve(garbage)
+    start = time.monotonic()
+    code, out, err = _run(checkpoint, tmp_path, "--backend", "serial", "--port", path)
+    stop.set()
+    thread.join(5)
+    assert code == 2 and time.monotonic() - start < 30
+    assert err.splitlines()[-1] == (
+        f"moefpga: error: no moefpga device answers on {path}: link: HELLO frame 0 was not "
+        "acknowledged after 9 tries of 0.5 s: the device does not answer")
+
+
+def test_silent_peer_is_one_error(checkpoint, pty):
+    """Nobody on the line: HELLO gives up after its tries (short here)."""
+    _, path = pty
+    ck = Checkpoint.open(checkpoint[0])
+    layers = {0: quantize_layer(ck.moe_layer(0), QuantSpec(), default_calibration(ck, 0))}
+    start = time.monotonic()
+    with pytest.raises(MoefpgaError, match=f"no moefpga device answers on {path}: link: HELLO "
+                                           "frame 0 was not acknowledged after 9 tries"):
+        with open_accelerator("serial", layers, num_layers=2, port=path, link_timeout=0.05):
+            pass
+    assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--backend", "serial"], "--backend serial needs --port (the board's serial port)"),
+    (["--backend", "serial", "--port", "/dev/ttyNOPE", "--board", "icebreaker"],
+     "--board is for --backend board-sim (the twin of that board)"),
+    (["--backend", "board-sim", "--port", "/dev/ttyNOPE"],
+     "--port is for --backend serial; board-sim opens its own pseudo-terminal"),
+    (["--backend", "serial", "--port", "/dev/ttyNOPE"],
+     "serial port /dev/ttyNOPE does not exist"),
+    (["--backend", "serial", "--port", "/dev/ttyNOPE", "--predictor", "oracle"], None),
+])
+def test_bad_options_are_one_error(checkpoint, tmp_path, args, message):
+    code, out, err = _run(checkpoint, tmp_path, *args)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) <= 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("moefpga: error: ")
+    if message:
+        assert last == f"moefpga: error: {message}"
+
+
+def test_message_layouts():
+    """ROUTER and RUN TOKENS payloads byte by byte, as docs/link.md and docs/moe_layer.md
+    lay them out."""
+    assert token_message(np.array([[1, -2]]), np.array([-3])) == bytes(
+        [1, 0, 0xFD, 0xFE, 0xFF, 0xFD])
+
+    class Mult:
+        def __init__(self, mult, shift):
+            self.mult, self.shift = mult, shift
+
+    class Layer:
+        router = np.array([[1, -1], [256, 2]])
+        router_mult = Mult(0x8001, -2)
+        shared_gate = np.array([3, 4])
+        shared_gate_mult = Mult(0xFFFF, 5)
+        normalize = True
+
+    assert router_message(Layer, 0x102) == bytes(
+        [0x01, 0x80, 0xFE, 0xFF, 0xFF, 0x05, 1, 0x02, 0x01,
+         1, 0, 0xFF, 0xFF, 0, 1, 2, 0, 3, 0, 4, 0])
