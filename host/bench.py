@@ -15,6 +15,7 @@ import json
 import math
 import re
 import struct
+import subprocess
 import time
 import warnings
 from collections import deque
@@ -229,8 +230,6 @@ def measure_layer(sim, executable, hw, int_layer, layer, x, decode_tokens, speed
     from .pack import pack_layer
     records = pack_layer(int_layer, layer, hw.params)
     wires = [wire_bytes(Type.LOAD_EXPERT, r)[0] for r in records]
-    sizes = {len(r) for r in records}
-    record_bytes = sizes.pop() if len(sizes) == 1 else None
     xq, exp = quantize_activations(x)
     t_max = hw.params.max_tokens
 
@@ -239,9 +238,7 @@ def measure_layer(sim, executable, hw, int_layer, layer, x, decode_tokens, speed
                                speed if show else _SpeedLog(None))
         wire = link_traffic(int_layer, layer, xq[rows], exp[rows], outputs, t_max,
                             counts["loads"], sum(wires) / len(wires))
-        return dict(counts, link_to_device=wire.to_device, link_to_host=wire.to_host,
-                    record_bytes=None if record_bytes is None
-                    else counts["loads"] * record_bytes)
+        return dict(counts, link_to_device=wire.to_device, link_to_host=wire.to_host)
 
     progress(f"  layer {layer}: prefill, {len(x)} tokens in batches of at most {t_max}")
     prefill = measured(slice(None), True)
@@ -259,11 +256,13 @@ def _phase_summary(per_layer, phase, multipliers, m_over_n):
     """A phase's counters summed over the layers, with the quantities computed from them."""
     total = {}
     for entry in per_layer:
-        _add(total, {k: v for k, v in entry[phase].items() if v is not None})
+        _add(total, entry[phase])
     layers, tokens = len(per_layer), per_layer[0][phase]["tokens"]
     cycles = total["cycles"]
-    streamed = (None if any(e[phase]["record_bytes"] is None for e in per_layer)
-                else total["record_bytes"])
+    uniform = all(e["record_bytes"]["shared"] in (None, e["record_bytes"]["routed"])
+                  for e in per_layer)
+    streamed = (sum(e[phase]["loads"] * e["record_bytes"]["routed"] for e in per_layer)
+                if uniform else None)
     return {
         "tokens": tokens, "layers": layers, **{k: total[k] for k in _COUNTERS},
         "cycles_per_token_per_layer": cycles / (tokens * layers),
@@ -488,6 +487,21 @@ def _model_facts(checkpoint):
             "moe_layers": list(cfg.moe_layers)}
 
 
+def _source():
+    """The git commit of the code measured, and the files under rtl/ and host/ that differed
+    from it (the simulated top is generated from the working tree); None outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        def git(*args):
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  timeout=30, check=True).stdout
+        commit = git("rev-parse", "HEAD").strip()
+        changed = git("status", "--porcelain", "--", "rtl", "host").splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "uncommitted": sorted(line[3:] for line in changed)}
+
+
 def _sim_module():
     try:
         from . import sim
@@ -556,7 +570,7 @@ def run_bench(checkpoint, configs, *, prefill_tokens, decode_tokens, cache_token
     inputs = {layer: calibration_tokens(cfg.hidden_size, checkpoint.norm_weight(layer),
                                         count=prefill_tokens, seed=1000 + layer)
               for layer in cfg.moe_layers}
-    results = {"model": _model_facts(checkpoint),
+    results = {"model": _model_facts(checkpoint), "source": _source(),
                "settings": {"prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens,
                             "cache_tokens": cache_tokens, "amaranth_cycles": amaranth_cycles},
                "link": {"bits_per_byte": LINK_BITS_PER_BYTE, "framing": "8N1 UART, "
