@@ -3,11 +3,12 @@
 Two tables. Per MoE layer (the default): the integer model against the float reference on the
 same pruned experts, on synthetic RMSNorm-shaped tokens (:func:`format_eval`). The whole model
 (``--whole-model``): the logits of one forward pass over a sequence of token ids with the MoE
-layers on the ``model`` (or ``sim``) backend, against the same pass with the float reference's
-MoE layers, both on the same pruned experts and on the dense float model
+layers on the ``model`` backend (or an accelerator backend), against the same pass with the
+float reference's MoE layers, both on the same pruned experts and on the dense float model
 (:func:`whole_model_fidelity`). docs/inference.md describes the second.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ __all__ = ["LogitFidelity", "format_eval", "whole_model_fidelity", "format_whole
 #: Evaluation tokens per layer, and the length of the whole model's sequence, by default.
 LAYER_TOKENS, SEQUENCE_TOKENS = 256, 16
 #: Backends the whole-model table can measure.
-WHOLE_MODEL_BACKENDS = ("model", "sim")
+WHOLE_MODEL_BACKENDS = ("model", "sim", "board-sim", "serial")
 
 
 @dataclass(frozen=True)
@@ -85,17 +86,17 @@ def whole_model_fidelity(checkpoint, specs, ids, backend="model", args=None):
     MoefpgaError
         As the backends and :meth:`Transformer.forward` do.
     """
-    cls = backend_class(backend)
+    cls = backend_class(backend, args)
     check_supported(checkpoint.config)
     check_ids(ids, checkpoint.config)
     weights = load_weights(checkpoint)
     references = {}
 
     def logits(moe_backend):
-        try:
-            return Transformer(checkpoint.config, weights, moe_backend.layers).forward(ids)
-        finally:
+        with contextlib.closing(moe_backend):
+            out = Transformer(checkpoint.config, weights, moe_backend.layers).forward(ids)
             moe_backend.finish()
+        return out
 
     def reference(sparsity):
         if sparsity not in references:

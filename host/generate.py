@@ -10,6 +10,7 @@ subclass :class:`ModelBackend` through :class:`AcceleratorBackend`, overriding
 """
 
 import argparse
+import contextlib
 import time
 from collections import Counter
 from pathlib import Path
@@ -40,16 +41,21 @@ from .cli import (
     run_layer,
     save_array,
 )
+from .expert_cache import POLICIES
 from .pack import pack_layer
+from .predictor import PREDICTORS
 from .sim_options import SimOptions
 
 __all__ = ["MoEBackend", "ReferenceBackend", "ModelBackend", "AcceleratorBackend", "SimBackend",
-           "HardwareTally", "BACKENDS", "PLANNED_BACKENDS", "SIM_CLOCK_MHZ", "backend_class",
+           "BoardBackend", "BoardSimBackend", "SerialBackend", "HardwareTally", "BACKENDS",
+           "SIM_CLOCK_MHZ", "backend_class",
            "make_backend", "add_commands", "accelerator_args", "load_ids", "parse_ids",
            "stop_ids", "load_tokenizer"]
 
 #: The sim backend's default clock: the iCEBreaker board top's PLL clock (docs/boards.md).
 SIM_CLOCK_MHZ = 24.0
+#: The serial link's default baud rate (docs/link.md).
+BAUD = 115200
 
 
 class MoEBackend:
@@ -60,8 +66,8 @@ class MoEBackend:
     ``layers[i]`` is the :data:`MoEFunction` of decoder layer ``i``: float32 ``(T, d)``
     normalized hidden states in, float32 ``(T, d)`` out. The transformer calls the layers in
     order, with all prompt tokens at once (prefill), then with one token at a time (decode).
-    :meth:`finish` ends the run: it reports on standard error and releases what the backend
-    holds.
+    :meth:`finish` ends a run that went well: it reports on standard error. :meth:`close`
+    releases what the backend holds (a device session); call it however the run ends.
     """
 
     name = ""
@@ -79,7 +85,10 @@ class MoEBackend:
         return str(self.spec)
 
     def finish(self) -> None:
-        """End of run: nothing to report or release by default."""
+        """End of run: nothing to report by default."""
+
+    def close(self) -> None:
+        """Release what the backend holds: nothing by default. Safe to call twice."""
 
 
 class ReferenceBackend(MoEBackend):
@@ -111,6 +120,7 @@ class ModelBackend(MoEBackend):
 
     def __init__(self, checkpoint, spec):
         self.rails = Counter()
+        self.int_layers = {}
         super().__init__(checkpoint, spec)
 
     def _layer(self, checkpoint, index):
@@ -118,7 +128,7 @@ class ModelBackend(MoEBackend):
         calibration = default_calibration(checkpoint, index)
         check_run(weights, self.name, self.spec, calibration)
         self._fit(index, weights)
-        int_layer = quantize_layer(weights, self.spec, calibration)
+        int_layer = self.int_layers[index] = quantize_layer(weights, self.spec, calibration)
 
         def moe(x):
             xq, exp = quantize_activations(x)
@@ -144,7 +154,8 @@ class HardwareTally:
     The first call of each MoE layer is its prefill (all prompt tokens); later calls decode
     (one token each). :meth:`add` takes a call's token count and counters (``cycles``,
     ``compute``, ``stall``, ``loads``, ``hits``, ``batches`` and, where the hardware counts
-    them, ``multiplies``, ``bytes``, ``predicted``, ``predicted_correct``).
+    them, ``multiplies``, ``bytes_min`` and ``bytes_max`` (bounds of the bytes streamed),
+    ``picks``, ``predicted_correct`` and ``prefetches``).
     """
 
     PHASES = ("prefill", "decode")
@@ -167,7 +178,7 @@ class HardwareTally:
         tokens per second at ``clock_hz`` (from ``clock_source``; MoE layers only); then over
         the run the shares of cycles computing and stalled, multiplier use (``multiplies`` over
         ``cycles`` times ``multipliers``), loads, hits, hit rate, bytes streamed and
-        ``prediction`` (else the ``predicted`` counters)."""
+        ``prediction`` (else the next-layer picks that were predicted, and the prefetches)."""
         lines = [f"{title}: the MoE layers' cycles at {clock_hz / 1e6:g} MHz ({clock_source}); "
                  "host work (attention, norms, LM head) not counted"]
         for phase in self.PHASES:
@@ -189,20 +200,23 @@ class HardwareTally:
         lookups = total["loads"] + total["hits"]
         rate = f"hit rate {total['hits'] / lookups:.1%}" if lookups else "no lookups"
         lines.append(f"  experts {total['loads']:,} loads, {total['hits']:,} hits: {rate}; "
-                     f"{_bytes(total)} streamed")
-        if prediction or total["predicted"]:
-            right = total["predicted_correct"] / max(total["predicted"], 1)
-            lines.append("  predict " + (prediction or f"{total['predicted']:,} experts "
-                                         f"predicted, {right:.1%} of them used"))
+                     + _bytes(total))
+        if not prediction:
+            right = (f"{total['predicted_correct'] / total['picks']:.1%}" if total["picks"]
+                     else "-")
+            prediction = (f"accuracy {right} ({total['predicted_correct']:,} of "
+                          f"{total['picks']:,} next-layer picks predicted); "
+                          f"{total['prefetches']:,} records prefetched")
+        lines.append("  predict " + prediction)
         return "\n".join(lines)
 
 
 def _bytes(total):
-    """Bytes streamed: exact (``bytes``), or bounds (``bytes_min``, ``bytes_max``)."""
+    """Bytes streamed: ``bytes_min`` when it equals ``bytes_max``, else the two bounds."""
     if total["bytes_min"] != total["bytes_max"]:
-        return (f"{total['bytes_min']:,} to {total['bytes_max']:,} bytes (records differ in "
-                "size and the hardware counts loads, not bytes)")
-    return f"{total['bytes_min']:,} bytes"
+        return (f"{total['bytes_min']:,} to {total['bytes_max']:,} bytes streamed (records "
+                "differ in size and the hardware counts loads, not bytes)")
+    return f"{total['bytes_min']:,} bytes streamed"
 
 
 class AcceleratorBackend(ModelBackend):
@@ -219,6 +233,10 @@ class AcceleratorBackend(ModelBackend):
     @classmethod
     def check_available(cls) -> None:
         """Refuse, before any work, a backend whose tools are not installed."""
+
+    @classmethod
+    def check_args(cls, args) -> None:
+        """Refuse, before any work, options that do not fit this backend."""
 
     def run_integer(self, index, int_layer, xq, exp):
         outputs, counts = self.run_hardware(index, int_layer, xq, exp)
@@ -290,8 +308,10 @@ class SimBackend(AcceleratorBackend):
 
     def run_hardware(self, index, int_layer, xq, exp):
         result = self.sim.run_layer(self.executable, self.hardware, int_layer, index, xq, exp)
-        sizes = self.record_sizes.get(index) or self.record_sizes.setdefault(
-            index, [len(r) for r in pack_layer(int_layer, index, self.hardware.params)])
+        if index not in self.record_sizes:
+            records = pack_layer(int_layer, index, self.hardware.params)
+            self.record_sizes[index] = [len(record) for record in records]
+        sizes = self.record_sizes[index]
         loads = result.counters["loads"]
         return result.outputs, {**result.counters, "batches": result.batches,
                                 "bytes_min": loads * min(sizes), "bytes_max": loads * max(sizes)}
@@ -310,29 +330,147 @@ class SimBackend(AcceleratorBackend):
                        "starts with empty slots")
 
 
-BACKENDS = {backend.name: backend for backend in (ReferenceBackend, ModelBackend, SimBackend)}
+class BoardBackend(AcceleratorBackend):
+    """Every MoE layer on a board top through the host link (:mod:`.accelerator`): a board on
+    a serial port (``serial``) or its Verilator twin (``board-sim``).
 
-#: Accelerator backends of the host link issue, refused until they plug in.
-PLANNED_BACKENDS = ("board-sim", "serial")
+    The session opens after every layer is quantized (the device must fit them all, its
+    IDENTIFY is checked) and stays open for the run; the host's slot mirror and predictor
+    (``policy``, ``predictor``) send prefetches. Cycles become time at the clock the device
+    reports in IDENTIFY. :meth:`close` ends the session (and stops the twin).
+    """
+
+    def __init__(self, checkpoint, spec, *, port=None, baud=BAUD, board=None, options=None,
+                 policy="lru", predictor="none"):
+        from .accelerator import open_accelerator  # needs the simulation extras (amaranth)
+
+        self.options, self.board = options, board
+        self.num_layers = checkpoint.config.num_layers
+        self.predictor = predictor
+        super().__init__(checkpoint, spec)
+        self._session = contextlib.ExitStack()
+        with self._session:                       # closed here only if opening fails
+            self.accelerator = self._session.enter_context(open_accelerator(
+                self.name, self.int_layers, num_layers=self.num_layers, port=port, baud=baud,
+                board=board, options=options, policy=policy, predictor=predictor,
+                progress=_progress))
+            self._session = self._session.pop_all()
+
+    @classmethod
+    def check_available(cls):
+        try:
+            from . import accelerator  # noqa: F401  the simulation extras (amaranth, pyserial)
+        except ImportError as exc:
+            raise MoefpgaError(f"the {cls.name} backend needs the simulation extras ({exc}); "
+                               "install them: pip install 'moefpga[sim]'") from None
+        if cls.name == "board-sim":
+            _sim_modules()                            # Verilator, for the twin
+
+    @classmethod
+    def check_args(cls, args):
+        # As ``moefpga run`` refuses them (host/cli.py).
+        if cls.name == "serial" and not args.port:
+            raise MoefpgaError("--backend serial needs --port (the board's serial port)")
+        if cls.name == "serial" and args.board:
+            raise MoefpgaError("--board is for --backend board-sim (the twin of that board)")
+        if cls.name == "board-sim" and args.port:
+            raise MoefpgaError("--port is for --backend serial; board-sim opens its own "
+                               "pseudo-terminal")
+
+    @classmethod
+    def from_args(cls, checkpoint, spec, args):
+        options = SimOptions(lanes=args.lanes, max_tokens=args.max_tokens, slots=args.slots)
+        return cls(checkpoint, spec, port=args.port, baud=args.baud, board=args.board,
+                   options=options, policy=args.policy, predictor=args.predictor)
+
+    def run_hardware(self, index, int_layer, xq, exp):
+        before = self.accelerator.stats
+        outputs = self.accelerator.run_layer(index, xq, exp)
+        after = self.accelerator.stats
+        counts = {name: getattr(after, name) - getattr(before, name) for name in _SESSION_COUNTS}
+        counts["bytes_min"] = counts["bytes_max"] = counts.pop("bytes_streamed")
+        return outputs, counts
+
+    def describe(self):
+        i = self.accelerator.identity
+        return (f"{self.spec}; device with {i.lanes} lanes of {i.n}:{i.m}, T_max "
+                f"{i.max_tokens}, {i.slots} slots, clock {i.clock_hz / 1e6:g} MHz")
+
+    def report(self):
+        prediction = ("none (--predictor none): only demanded records are streamed"
+                      if self.predictor == "none" else "")
+        stats = self.accelerator.stats
+        return (self.tally.report(self.name, self.accelerator.identity.clock_hz,
+                                  self._clock_source(), prediction=prediction)
+                + f"\n  link    {stats.requests:,} records requested, {stats.resent:,} frames "
+                f"resent, {stats.bad_frames:,} broken frames received")
+
+    def _clock_source(self):
+        return ("the clock the device reports in IDENTIFY; records arrive over its serial "
+                "link during the cycles")
+
+    def close(self):
+        self._session.close()
 
 
-def backend_class(name: str) -> type[MoEBackend]:
-    """The backend called ``name``, or a MoefpgaError for a planned one or one whose tools
-    are not installed."""
-    if name in PLANNED_BACKENDS:
-        raise MoefpgaError(f"backend {name!r} cannot run whole models yet; available: "
-                           f"{', '.join(BACKENDS)}")
+#: The :class:`~.accelerator.AcceleratorStats` counters a :class:`BoardBackend` tallies.
+_SESSION_COUNTS = ("cycles", "compute", "stall", "loads", "hits", "batches", "bytes_streamed",
+                   "picks", "predicted_correct", "prefetches")
+
+
+class BoardSimBackend(BoardBackend):
+    """The board top's Verilator twin on a pseudo-terminal; sized as the ``sim`` backend's
+    top (``--lanes``, ``--max-tokens``, ``--slots``) unless ``--board`` names a board."""
+
+    name = "board-sim"
+
+    def _clock_source(self):
+        from .board_sim import TWIN_DIVISOR
+
+        board = self.accelerator.identity.clock_hz / BAUD
+        return (f"the clock the twin reports in IDENTIFY; its UART sends a bit in "
+                f"{TWIN_DIVISOR} cycles, a board's at {BAUD} baud in {board:.0f}, so records "
+                f"arrive {board / TWIN_DIVISOR:.0f} times faster than on the board and the "
+                "stalls are the twin's")
+
+    def _fit(self, index, weights):
+        # The twin is sized as the sim backend's top; sizing the first layer refuses shapes
+        # it cannot take before anything is quantized (the sized top itself is not used).
+        if self.board is None and not self.int_layers:
+            hardware = _sim_modules().hardware_for(weights, self.spec,
+                                                   num_layers=self.num_layers,
+                                                   options=self.options)
+            hardware._MustUse__silence = True      # amaranth's "created but never used"
+
+
+class SerialBackend(BoardBackend):
+    """A board on ``--port``."""
+
+    name = "serial"
+
+
+BACKENDS = {backend.name: backend for backend in (ReferenceBackend, ModelBackend, SimBackend,
+                                                  BoardSimBackend, SerialBackend)}
+
+
+def backend_class(name: str, args=None) -> type[MoEBackend]:
+    """The backend called ``name``; a MoefpgaError if its tools are not installed or the
+    options in ``args`` do not fit it."""
     cls = BACKENDS[name]
     if issubclass(cls, AcceleratorBackend):
         cls.check_available()
+        if args is not None:
+            cls.check_args(args)
     return cls
 
 
 def make_backend(cls, checkpoint, spec, args) -> MoEBackend:
     """Backend ``cls`` for ``checkpoint`` under ``spec``, with the options in ``args`` that it
-    takes (see :func:`accelerator_args`)."""
+    takes (see :func:`accelerator_args`), or its defaults when ``args`` is None."""
     from_args = getattr(cls, "from_args", None)
-    return from_args(checkpoint, spec, args) if from_args else cls(checkpoint, spec)
+    if from_args is None or args is None:
+        return cls(checkpoint, spec)
+    return from_args(checkpoint, spec, args)
 
 
 def parse_ids(text: str) -> np.ndarray:
@@ -386,9 +524,9 @@ def load_tokenizer(folder: Path):
 
 
 def _open_checkpoint(args):
-    """The backend class and the checkpoint, refusing a planned backend or an unsupported
-    model before anything is read beyond ``config.json`` and the shard headers."""
-    cls = backend_class(args.backend)
+    """The backend class and the checkpoint, refusing a backend whose tools are missing or an
+    unsupported model before anything is read beyond ``config.json`` and the shard headers."""
+    cls = backend_class(args.backend, args)
     checkpoint = Checkpoint.open(args.checkpoint)
     check_supported(checkpoint.config)
     return cls, checkpoint
@@ -409,8 +547,9 @@ def cmd_logits(args):
     cls, checkpoint = _open_checkpoint(args)
     check_ids(ids, checkpoint.config)
     model, backend = _build(cls, checkpoint, args)
-    logits = model.forward(ids)
-    backend.finish()
+    with contextlib.closing(backend):
+        logits = model.forward(ids)
+        backend.finish()
     save_array(args.output, logits)
     print(f"wrote {args.output}: {logits.shape[0]} x {logits.shape[1]} float32")
 
@@ -422,17 +561,18 @@ def cmd_generate(args):
     stops = stop_ids(checkpoint.config)
     tokenizer = load_tokenizer(checkpoint.path)
     model, backend = _build(cls, checkpoint, args)
-    print("prompt ids " + " ".join(map(str, prompt)))
-    print("new ids   ", end="", flush=True)
-    new, times = [], [time.perf_counter()]
-    for token in generate(model, prompt, args.max_new_tokens, stops):
-        print(f" {token}", end="", flush=True)
-        new.append(token)
-        times.append(time.perf_counter())
-    print()
-    if tokenizer is not None:
-        print(f"new text   {tokenizer.decode(new)}")
-    backend.finish()
+    with contextlib.closing(backend):
+        print("prompt ids " + " ".join(map(str, prompt)))
+        print("new ids   ", end="", flush=True)
+        new, times = [], [time.perf_counter()]
+        for token in generate(model, prompt, args.max_new_tokens, stops):
+            print(f" {token}", end="", flush=True)
+            new.append(token)
+            times.append(time.perf_counter())
+        print()
+        if tokenizer is not None:
+            print(f"new text   {tokenizer.decode(new)}")
+        backend.finish()
     _progress(_timing(len(prompt), times))
 
 
@@ -448,9 +588,8 @@ def _timing(prompt_len, times):
 
 
 def _backend_args(p):
-    p.add_argument("--backend", choices=(*BACKENDS, *PLANNED_BACKENDS), default="model",
-                   help="where the MoE layers run (default model; board-sim and serial are "
-                        "planned)")
+    p.add_argument("--backend", choices=BACKENDS, default="model",
+                   help="where the MoE layers run (default model)")
     p.add_argument("--quant", choices=("int8", "int4"), default="int8")
     p.add_argument("--group-size", type=int, metavar="G",
                    help=f"weights per scale ({', '.join(map(str, GROUP_SIZES))}); "
@@ -479,6 +618,17 @@ def accelerator_args(p):
     p.add_argument("--clock-mhz", type=_positive_mhz, default=SIM_CLOCK_MHZ, metavar="F",
                    help="sim backend: the clock that turns simulated cycles into time "
                         "(default %(default)g, the iCEBreaker board top's)")
+    p.add_argument("--port", help="serial backend: the board's serial port, e.g. /dev/ttyUSB1")
+    p.add_argument("--baud", type=_positive_int, default=BAUD, metavar="B",
+                   help="serial backend: the link's baud rate (default %(default)s)")
+    p.add_argument("--board", metavar="NAME|FILE",
+                   help="board-sim backend: the twin of this board (a name or board YAML) "
+                        "instead of one sized by --lanes, --max-tokens, --slots")
+    p.add_argument("--policy", choices=POLICIES, default="lru",
+                   help="board-sim and serial: the host's slot replacement policy")
+    p.add_argument("--predictor", choices=PREDICTORS, default="none",
+                   help="board-sim and serial: the next-layer predictor that prefetches "
+                        "(default none)")
 
 
 def add_commands(sub, checkpoint_arg):

@@ -55,16 +55,23 @@ def run(capsys, *args):
 
 
 def report(err):
-    """The sim backend's report on standard error: per phase (tokens, cycles, cycles per
-    token per layer, tokens/s), and the loads, hits and multiplies."""
-    phases = {m[0]: (int(m[1]), int(m[2].replace(",", "")), int(m[3].replace(",", "")),
-                     float(m[4].replace(",", "")))
+    """The accelerator backend's report on standard error: per phase (tokens, cycles, cycles
+    per token per layer, tokens/s), and the counts it names (loads, hits, multiplies,
+    multipliers; the last two only where the hardware counts multiplies)."""
+    phases = {m[0]: (int(m[1]), _int(m[2]), _int(m[3]), float(m[4].replace(",", "")))
               for m in re.findall(r"  (prefill|decode) +(\d+) tokens x \d+ MoE layers, \d+ "
                                   r"batches: ([\d,]+) cycles, ([\d,]+) per token per layer; "
                                   r"([\d,.]+) tokens/s", err)}
-    experts = re.search(r"experts ([\d,]+) loads, ([\d,]+) hits", err)
+    counts = dict(zip(("loads", "hits"), map(_int, re.search(
+        r"experts ([\d,]+) loads, ([\d,]+) hits", err).groups()), strict=True))
     multiplies = re.search(r"\(([\d,]+) multiplies, (\d+) multipliers\)", err)
-    return phases, [int(v.replace(",", "")) for v in (*experts.groups(), *multiplies.groups())]
+    if multiplies:
+        counts |= {"multiplies": _int(multiplies[1]), "multipliers": _int(multiplies[2])}
+    return phases, counts
+
+
+def _int(text):
+    return int(text.replace(",", ""))
 
 
 @pytest.mark.parametrize("family, options", CASES, ids=[family for family, _ in CASES])
@@ -93,7 +100,7 @@ def test_logits_and_generate_equal_the_model(capsys, checkpoints, tmp_path, fami
     assert outputs["sim"] == outputs["model"]
     assert len(outputs["sim"].splitlines()[1].split()) == 2 + NEW_TOKENS
 
-    phases, (loads, hits, multiplies, multipliers) = report(err)
+    phases, counts = report(err)
     assert phases["prefill"][0] == 10 and phases["decode"][0] == NEW_TOKENS - 1
     for tokens, cycles, per_token, rate in phases.values():
         assert per_token == round(cycles / (tokens * LAYERS))
@@ -102,11 +109,11 @@ def test_logits_and_generate_equal_the_model(capsys, checkpoints, tmp_path, fami
     # each, dense-equivalent; 2:4 multiplies half.
     shared = 64 if family == "qwen2_moe" else 0
     dense = (10 + NEW_TOKENS - 1) * LAYERS * 3 * HIDDEN * (TOP_K * FFN + shared)
-    assert multiplies == dense // (2 if "2:4" in options else 1)
-    assert multipliers == 16 // (2 if "2:4" in options else 1)
+    assert counts["multiplies"] == dense // (2 if "2:4" in options else 1)
+    assert counts["multipliers"] == 16 // (2 if "2:4" in options else 1)
     # Each call starts with empty slots: a decoded token loads each of its experts.
-    assert loads >= (NEW_TOKENS - 1) * LAYERS * (TOP_K + bool(shared))
-    assert 0 <= hits and "predict none" in err
+    assert counts["loads"] >= (NEW_TOKENS - 1) * LAYERS * (TOP_K + bool(shared))
+    assert "predict none" in err
     sim_report.append(f"{family} {' '.join(options)}: logits and generated ids equal the "
                       "model's; " + "; ".join(line.strip() for line in err.splitlines()
                                               if line.startswith("  ")))
@@ -135,3 +142,30 @@ def test_shapes_the_sim_cannot_take_are_refused_before_any_work(capsys, checkpoi
     lines = err.strip().splitlines()
     assert status == 2 and out == "" and len(lines) == 1, err
     assert lines[0].startswith("moefpga: error: ") and fragment in lines[0]
+
+
+def test_generate_on_board_sim_equals_the_model(capsys, tmp_path, sim_report):
+    """The board top's Verilator twin through the host link, with the gate predictor
+    prefetching: the same ids as the model backend, and the session's report. The twin is
+    ``test_board_sim``'s (a gated shared expert; 2 lanes of 2:4 int4, G = 32, T_max 4, 3 slots),
+    one build shared with it through ``MOEFPGA_TEST_SIM_CACHE``."""
+    path = write_checkpoint(tmp_path / "qwen2", "qwen2_moe", num_layers=LAYERS,
+                            hidden_size=HIDDEN, num_experts=4, top_k=TOP_K,
+                            expert_ffn_size=FFN, shared_expert_ffn_size=FFN, vocab_size=64,
+                            seed=3)
+    common = ("--checkpoint", path, "--quant", "int4", "--group-size", "32", "--sparsity", "2:4",
+              "--lanes", "2", "--max-tokens", "4", "--slots", "3", "--prompt-ids", PROMPT,
+              "--max-new-tokens", NEW_TOKENS)
+    status, model_out, err = run(capsys, "generate", *common, "--backend", "model")
+    assert status == 0, err
+    status, out, err = run(capsys, "generate", *common, "--backend", "board-sim",
+                           "--predictor", "gate")
+    assert status == 0, err
+    assert out == model_out
+    phases, counts = report(err)
+    assert phases["prefill"][0] == 10 and phases["decode"][0] == NEW_TOKENS - 1
+    assert "multiplies" not in counts and counts["loads"] > 0
+    assert re.search(r"predict accuracy [\d.]+% \(\d+ of \d+ next-layer picks", err), err
+    sim_report.append("board-sim: generated ids equal the model's; " + "; ".join(
+        line.strip() for line in err.splitlines()
+        if line.startswith("  ") and not line.startswith(("  layer", "  still"))))

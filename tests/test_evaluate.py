@@ -100,7 +100,8 @@ def test_per_layer_table_is_the_default(model):
     (("--backend", "sim"), "--backend applies to --whole-model"),
     (("--ids", "IDS"), "--ids applies to --whole-model"),
     (("--whole-model", "--tokens", "5000"), "exceeds the model's context of 4096"),
-    (("--whole-model", "--backend", "serial"), "argument --backend: invalid choice"),
+    (("--whole-model", "--backend", "gpu"), "argument --backend: invalid choice"),
+    (("--whole-model", "--backend", "serial"), "--backend serial needs --port"),
     (("--whole-model", "--setting", "int4/g48"), "group size must be one of"),
 ])
 def test_whole_model_refusals(model, ids_file, options, fragment):

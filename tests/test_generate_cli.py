@@ -184,12 +184,18 @@ def test_generate_model_backend_follows_the_argmax_of_full_passes(model):
 
 # ---- refusals ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["board-sim", "serial"])
-def test_planned_backends_are_refused(model, backend):
+@pytest.mark.parametrize("options, fragment", [
+    (("--backend", "serial"), "--backend serial needs --port"),
+    (("--backend", "serial", "--port", "/dev/ttyUSB1", "--board", "icebreaker"),
+     "--board is for --backend board-sim"),
+    (("--backend", "board-sim", "--port", "/dev/ttyUSB1"), "--port is for --backend serial"),
+    (("--backend", "serial", "--port", "/nonexistent/tty0"), "/nonexistent/tty0"),
+    (("--backend", "serial", "--port", "x", "--policy", "fifo"), "argument --policy"),
+])
+def test_board_backend_refusals(model, options, fragment):
+    """Misused board options, and a port with no device: one line, exit status 2."""
     assert_user_error(main("generate", "--checkpoint", model, "--prompt-ids", "1",
-                           "--max-new-tokens", 1, "--backend", backend),
-                      f"backend '{backend}' cannot run whole models yet",
-                      "available: reference, model, sim")
+                           "--max-new-tokens", 1, *options), fragment)
 
 
 @pytest.mark.parametrize("options, fragment", [
