@@ -40,9 +40,11 @@ class Requantizer(wiring.Component):
     saturates like an infinitely wide one: ``v`` is first clipped to ``[-2**out_bits,
     2**out_bits]`` and the amount to ``out_bits``, as the model does.
 
-    A two-stage pipeline (product, then shift and saturation): an input accepted in cycle ``c``
-    is presented on ``o`` in cycle ``c + 2`` when ``o`` is not back-pressured. Both stages hold
-    while ``o`` is valid and not ready.
+    A pipeline of :attr:`latency` stages: an input accepted in cycle ``c`` is presented on
+    ``o`` in cycle ``c + latency`` when ``o`` is not back-pressured; every stage holds while
+    ``o`` is valid and not ready. Two stages (product, then shift, rounding and saturation), or
+    with ``pipelined`` four (product; shift and clip; rounding and left shift; saturation),
+    which takes the variable shift, the rounding adder and the saturation off one path.
 
     Parameters
     ----------
@@ -52,6 +54,13 @@ class Requantizer(wiring.Component):
         Width of the signed result.
     shift_bits : int
         Width of the signed shift amount.
+    pipelined : bool
+        Four stages instead of two.
+
+    Attributes
+    ----------
+    latency : int
+        Cycles from input to output: 2, or 4 with ``pipelined``.
 
     Members
     -------
@@ -60,9 +69,7 @@ class Requantizer(wiring.Component):
     o : Out(stream.Signature(signed(out_bits)))
     """
 
-    LATENCY = 2
-
-    def __init__(self, value_bits, out_bits, shift_bits):
+    def __init__(self, value_bits, out_bits, shift_bits, *, pipelined=False):
         for name, bits in (("value_bits", value_bits), ("out_bits", out_bits),
                            ("shift_bits", shift_bits)):
             if not isinstance(bits, int) or bits < 2:
@@ -70,6 +77,8 @@ class Requantizer(wiring.Component):
         self.value_bits = value_bits
         self.out_bits   = out_bits
         self.shift_bits = shift_bits
+        self.pipelined  = pipelined
+        self.latency    = 4 if pipelined else 2
         super().__init__({
             "i": In(stream.Signature(data.StructLayout({
                 "value": signed(value_bits),
@@ -92,6 +101,15 @@ class Requantizer(wiring.Component):
 
         advance = ~self.o.valid | self.o.ready
         m.d.comb += self.i.ready.eq(advance)
+
+        def stage(name, value):
+            """``value`` through a pipeline register when ``pipelined``."""
+            if not self.pipelined:
+                return value
+            reg = Signal(value.shape(), name=name)
+            m.d.sync += reg.eq(value)
+            return reg
+
         with m.If(advance):
             m.d.sync += [
                 staged.eq(self.i.valid),
@@ -101,12 +119,20 @@ class Requantizer(wiring.Component):
                               Mux(-shift > self.out_bits, self.out_bits, -shift))),
             ]
 
-            rounded = ((((product << 1) >> amount) + 1) >> 1)
             bound   = 1 << self.out_bits
-            clipped = Mux(product > bound, bound, Mux(product < -bound, -bound, product))
-            widened = clipped[:self.out_bits + 2].as_signed() << amount[:bits_for(self.out_bits)]
+            halved  = stage("halved", (product << 1) >> amount)
+            clipped = stage("clipped", Mux(product > bound, bound,
+                                           Mux(product < -bound, -bound, product)))
+            left    = stage("left", amount[:bits_for(self.out_bits)])
+            right_2 = stage("right_2", right)
+            rounded = stage("rounded", (halved + 1) >> 1)
+            widened = stage("widened", clipped[:self.out_bits + 2].as_signed() << left)
+            right_3 = stage("right_3", right_2)
+            valid = staged
+            for n in range(self.latency - 2):
+                valid = stage(f"staged_{n + 2}", valid)
             m.d.sync += [
-                self.o.valid.eq(staged),
-                self.o.payload.eq(saturated(Mux(right, rounded, widened), self.out_bits)),
+                self.o.valid.eq(valid),
+                self.o.payload.eq(saturated(Mux(right_3, rounded, widened), self.out_bits)),
             ]
         return m

@@ -244,12 +244,12 @@ class Router(wiring.Component):
 
         ``ceil(rows / macs) * (hidden + 1) + rows`` to accumulate and requantize the logits,
         ``k + gate + (0 if normalize else experts)`` exp evaluations, 18 cycles per division
-        (``k + gate`` of them) and 6 cycles of pipeline latency (docs/router.md).
+        (``k + gate`` of them) and 8 cycles of pipeline latency (docs/router.md).
         """
         outputs = self.top_k + self.shared_gate
         return (self.groups * (self.hidden + 1) + self.rows
                 + outputs + (0 if normalize else self.experts)
-                + (_WEIGHT_BITS + 2) * outputs + 6)
+                + (_WEIGHT_BITS + 2) * outputs + 8)
 
     def elaborate(self, platform):
         m = Module()
@@ -258,7 +258,8 @@ class Router(wiring.Component):
         gate = int(self.shared_gate)
 
         shift_bits = max(SHIFT_BITS, _EXP_BITS) + 1      # the multiplier's shift minus exp
-        m.submodules.requant = requant = Requantizer(self.acc_bits, LOGIT_BITS, shift_bits)
+        m.submodules.requant = requant = Requantizer(self.acc_bits, LOGIT_BITS, shift_bits,
+                                                     pipelined=True)
         m.submodules.topk    = topk    = TopK(k, ceil_log2(experts))
         m.submodules.exp     = exp     = ExpUnit()
         den_bits = bits_for(experts * _ONE)

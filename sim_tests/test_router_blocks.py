@@ -48,10 +48,12 @@ def _stream_through(dut, inputs, *, seed, stall):
     return outputs
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["2stages", "4stages"])
 @pytest.mark.parametrize("value_bits", [44, 48])
-def test_requantizer(value_bits):
+def test_requantizer(value_bits, pipelined):
     """Every shift regime: left shifts that saturate, right shifts up to and past the clamp at
-    62 (with 48-bit values the product is 64 bits wide), round half up at exact halves."""
+    62 (with 48-bit values the product is 64 bits wide), round half up at exact halves; both
+    pipeline depths."""
     rng = np.random.default_rng(value_bits)
     lo, hi = -(1 << (value_bits - 1)), (1 << (value_bits - 1)) - 1
     values = [lo, hi, 0, 1, -1, 3 << 20, -(3 << 20), 5, -5]
@@ -61,13 +63,34 @@ def test_requantizer(value_bits):
     for _ in range(400):
         cases.append((int(rng.integers(lo, hi + 1)) >> int(rng.integers(0, value_bits)),
                       int(rng.integers(1 << 15, 1 << 16)), int(rng.integers(-30, 70))))
-    dut = Requantizer(value_bits, LOGIT_BITS, 9)
+    dut = Requantizer(value_bits, LOGIT_BITS, 9, pipelined=pipelined)
     got = _stream_through(dut, [{"value": v, "mult": mu, "shift": s} for v, mu, s in cases],
                           seed=1, stall=0.3)
     expected = [requantize(v, mu, s, LOGIT_BITS) for v, mu, s in cases]
     mismatches = [(case, g, e) for case, g, e in zip(cases, got, expected, strict=True) if g != e]
     assert not mismatches, mismatches[:5]
 
+
+@pytest.mark.parametrize(("pipelined", "cycles"), [(False, 2), (True, 4)])
+def test_requantizer_latency(pipelined, cycles):
+    """An input taken in cycle c is on ``o`` in cycle c + 2, or c + 4 pipelined."""
+    dut = Requantizer(40, LOGIT_BITS, 9, pipelined=pipelined)
+    seen = []
+
+    async def bench(ctx):
+        ctx.set(dut.o.ready, 1)
+        ctx.set(dut.i.payload, {"value": -12345, "mult": 40000, "shift": 20})
+        ctx.set(dut.i.valid, 1)
+        await ctx.tick()
+        ctx.set(dut.i.valid, 0)
+        for cycle in range(1, 8):
+            if ctx.get(dut.o.valid):
+                seen.append((cycle, ctx.get(dut.o.payload)))
+            await ctx.tick()
+
+    _simulate(dut, bench)
+    assert seen == [(cycles, requantize(-12345, 40000, 20, LOGIT_BITS))]
+    assert dut.latency == cycles
 
 def test_divider():
     """Quotients of the routing weights and the sigmoid: 16 bits, ``num < den << 16``."""
