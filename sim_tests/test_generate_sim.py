@@ -119,10 +119,12 @@ def test_logits_and_generate_equal_the_model(capsys, checkpoints, tmp_path, fami
                                               if line.startswith("  ")))
 
 
-def test_sim_without_verilator_is_refused_before_any_work(capsys, checkpoints, monkeypatch):
+@pytest.mark.parametrize("backend", ["sim", "board-sim"])
+def test_without_verilator_is_refused_before_any_work(capsys, checkpoints, monkeypatch,
+                                                      backend):
     monkeypatch.setitem(__import__("sys").modules, "verilator", None)
     status, out, err = run(capsys, "generate", "--checkpoint", checkpoints["mixtral"],
-                           "--prompt-ids", "1", "--max-new-tokens", 1, "--backend", "sim")
+                           "--prompt-ids", "1", "--max-new-tokens", 1, "--backend", backend)
     assert status == 2 and out == ""
     assert err.strip().startswith("moefpga: error: Verilator is not installed")
     assert len(err.strip().splitlines()) == 1
