@@ -4,7 +4,7 @@ Equal bit for bit to :func:`moefpga.hls_models.intmodel.matvec`. The stream form
 parameters are in :mod:`.sparse_matmul_params`; docs/engine.md describes both.
 """
 
-from amaranth import Module, Mux, Signal, unsigned
+from amaranth import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -67,6 +67,21 @@ class LaneStep(data.Struct):
     group_last:  1
     row_first:   1
     row_last:    1
+
+
+#: Weights of at most this many bits multiply in logic (a sum of shifted activations), not in
+#: a hardware multiplier: Yosys puts every ``*`` into a DSP tile, a whole SB_MAC16 on iCE40.
+LOGIC_PRODUCT_BITS = 4
+
+
+def weight_product(weight, act):
+    """``weight * act``; for weights of at most :data:`LOGIC_PRODUCT_BITS` bits as the sum of
+    ``act`` shifted by each set weight bit (the sign bit's term subtracted)."""
+    bits = weight.shape().width
+    if bits > LOGIC_PRODUCT_BITS:
+        return weight * act
+    terms = [Mux(weight[i], act << i, 0) for i in range(bits - 1)]
+    return sum(terms, Const(0, signed(1))) - Mux(weight[bits - 1], act << (bits - 1), 0)
 
 
 class MacLane(wiring.Component):
@@ -153,7 +168,8 @@ class MacLane(wiring.Component):
                 self.done.eq(step3.valid & step3.row_last),
             ]
             for i in range(p.n):
-                m.d.sync += products[i].eq(self.entries[i].value * select.selected[i])
+                m.d.sync += products[i].eq(weight_product(self.entries[i].value,
+                                                          select.selected[i]))
             with m.If(step1.valid):
                 m.d.sync += psum.eq(psum_next)
             with m.If(step1.group_last):

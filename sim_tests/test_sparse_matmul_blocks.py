@@ -1,12 +1,14 @@
-"""Amaranth-simulator tests of the engine's small blocks: the N-of-M select and one MAC lane."""
+"""Amaranth-simulator tests of the engine's small blocks: the N-of-M select, one MAC lane, the
+weight product."""
 
 import numpy as np
 import pytest
+from amaranth import Module, Signal, signed
 from amaranth.lib import data
 from amaranth.sim import Simulator
 
 from moefpga.hls_models.intmodel import matvec
-from moefpga.rtl.sparse_matmul import ActivationSelect, LaneStep, MacLane
+from moefpga.rtl.sparse_matmul import ActivationSelect, LaneStep, MacLane, weight_product
 from moefpga.rtl.sparse_matmul_params import SparseMatmulParams
 
 
@@ -89,3 +91,29 @@ def test_mac_lane(m, n, weight_bits, acc_bits):
     sim.add_clock(1e-6)
     sim.add_testbench(bench)
     sim.run()
+
+
+@pytest.mark.parametrize("weight_bits", [2, 4, 8])
+def test_weight_product(weight_bits):
+    """``weight_product`` equals ``*`` on every weight and activation (shift-add at up to 4
+    bits, a multiplier above)."""
+    w, a = Signal(signed(weight_bits)), Signal(signed(8))
+    out = Signal(signed(weight_bits + 8))
+    m = Module()
+    m.d.comb += out.eq(weight_product(w, a))
+    half = 1 << (weight_bits - 1)
+    weights = range(-half, half) if weight_bits <= 4 else [-128, -77, -1, 0, 1, 93, 127]
+    wrong = []
+
+    async def bench(ctx):
+        for wv in weights:
+            for av in range(-128, 128):
+                ctx.set(w, wv)
+                ctx.set(a, av)
+                if ctx.get(out) != wv * av:
+                    wrong.append((wv, av, ctx.get(out)))
+
+    sim = Simulator(m)
+    sim.add_testbench(bench)
+    sim.run()
+    assert not wrong, wrong[:5]
