@@ -136,11 +136,13 @@ def requirements(identity: Identity, int_layers: Mapping[int, IntLayer],
                  num_layers: int) -> list[str]:
     """Every way the device of ``identity`` does not fit the layers, as ``"field: device X,
     needed Y"``: the fields that must be equal through :meth:`Identity.mismatches`, then
-    those with a bound (FFN size, weight width, layers, groups, M:N, lanes)."""
+    those with a bound (FFN size, weight width, layers, groups, lanes) and the N:M pattern
+    (``sparsity``, as ``2:4`` or ``dense``)."""
     first = next(iter(int_layers.values()))
     experts = [e for layer in int_layers.values() for e in (*layer.experts, layer.shared) if e]
     matrices = [m for e in experts for m in (e.gate, e.up, e.down)]
-    hidden, ffn = first.router.shape[1], max(e.gate.q.shape[0] for e in experts)
+    hidden, ffns = first.router.shape[1], sorted({e.gate.q.shape[0] for e in experts})
+    ffn, sizes = ffns[-1], sorted({hidden, *ffns})
     sparsity = first.experts[0].gate.sparsity
     problems = identity.mismatches(link_version=LINK_VERSION, record_version=VERSION,
                                    hidden=hidden, experts=first.num_experts, top_k=first.top_k,
@@ -153,14 +155,14 @@ def requirements(identity: Identity, int_layers: Mapping[int, IntLayer],
               ("group_size", all(m.group_size % max(identity.group_size, 1) == 0
                                  for m in matrices),
                f"a divisor of {sorted({m.group_size for m in matrices})}"),
-              ("lanes", hidden % max(identity.lanes, 1) == 0 == ffn % max(identity.lanes, 1),
-               f"a divisor of {hidden} and {ffn}")]
+              ("lanes", all(size % max(identity.lanes, 1) == 0 for size in sizes),
+               f"a divisor of {sizes}")]
     if sparsity.is_dense:
-        bounds.append(("m:n", identity.m == identity.n, "dense (n = m)"))
+        bounds.append(("sparsity", identity.m == identity.n, "dense"))
     else:
-        bounds.append(("m:n", (identity.m, identity.n) == (sparsity.m, sparsity.n),
-                       f"{sparsity.m}:{sparsity.n}"))
-    device = {"m:n": f"{identity.m}:{identity.n}"}
+        bounds.append(("sparsity", (identity.m, identity.n) == (sparsity.m, sparsity.n),
+                       f"{sparsity.n}:{sparsity.m}"))
+    device = {"sparsity": "dense" if identity.m == identity.n else f"{identity.n}:{identity.m}"}
     problems += [f"{name}: device {device.get(name, getattr(identity, name, None))}, "
                  f"needed {needed}" for name, ok, needed in bounds if not ok]
     return problems

@@ -16,7 +16,6 @@ sizes its top (:func:`.sim.hardware_for`); :func:`build` makes the executable (c
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -144,9 +143,10 @@ class BoardSim:
             raise MoefpgaError(f"cannot start the board twin {executable}: "
                                f"{error.strerror}") from None
         self._stderr = []
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.port = self._read_port(timeout)
         self.summary = None
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
+        self.port = self._read_port(timeout)
 
     def _drain(self):
         for line in self._process.stderr:
@@ -160,8 +160,7 @@ class BoardSim:
         reader.join(timeout)
         if not line or not line[0].startswith("pty "):
             self.stop()
-            detail = self._stderr[-1] if self._stderr else "no pseudo-terminal within " \
-                f"{timeout:g} s"
+            detail = self.error or f"no pseudo-terminal within {timeout:g} s"
             raise MoefpgaError(f"the board twin did not start: {detail}")
         return line[0].split(maxsplit=1)[1].strip()
 
@@ -174,17 +173,12 @@ class BoardSim:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
-        deadline = time.monotonic() + 1.0
-        while not self._summary_line() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        line = self._summary_line()
+        self._drainer.join(timeout)          # standard error ends with the process
+        line = next((line for line in self._stderr if line.startswith("cycles ")), None)
         if line:
             fields = line.split()
             self.summary = {k: int(v) for k, v in zip(fields[::2], fields[1::2], strict=True)}
         return self.summary
-
-    def _summary_line(self):
-        return next((line for line in self._stderr if line.startswith("cycles ")), None)
 
     @property
     def pid(self):

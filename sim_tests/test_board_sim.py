@@ -264,7 +264,7 @@ def test_identity_mismatch_refused(twin, tmp_path):
     assert str(error.value) == (
         "the device does not fit this model: hidden: device 32, needed 64; experts: device 4, "
         "needed 8; shared: device 2, needed 0; ffn: device 32, needed at least 64; "
-        "weight_bits: device 4, needed at least 8; m:n: device 4:2, needed dense (n = m)")
+        "weight_bits: device 4, needed at least 8; sparsity: device 2:4, needed dense")
 
 
 def _y(capsys, checkpoint, x, output, *args):

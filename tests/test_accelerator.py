@@ -3,6 +3,7 @@ against peers that are not a working device: nothing on the line, garbage, a dev
 other hardware; and the options that do not belong to a backend. Pure Python: the peers are
 threads on a pseudo-terminal; the Verilator twin is tested in sim_tests/test_board_sim.py."""
 
+import dataclasses
 import errno
 import os
 import random
@@ -17,8 +18,15 @@ from cli_runner import main
 from moefpga.hls_models.calibrate import QuantSpec, calibration_tokens, quantize_layer
 from moefpga.hls_models.checkpoint import Checkpoint
 from moefpga.hls_models.errors import MoefpgaError
+from moefpga.hls_models.sparsity import parse_sparsity
 from moefpga.hls_models.synthetic import write_checkpoint
-from moefpga.host.accelerator import open_accelerator, router_message, token_message
+from moefpga.host.accelerator import (
+    open_accelerator,
+    requirements,
+    router_message,
+    token_message,
+)
+from moefpga.host.board_sim import BoardSim
 from moefpga.host.cli import default_calibration
 from moefpga.host.link import LINK_VERSION, MAX_PAYLOAD, Identity, Link, Type
 from moefpga.rtl.expert_stream import VERSION
@@ -151,6 +159,23 @@ def test_silent_peer_is_one_error(checkpoint, pty):
     assert time.monotonic() - start < 5
 
 
+def test_requirements_name_groups_lanes_and_sparsity(checkpoint):
+    """The bounds IDENTIFY must meet besides equal fields: groups, lanes and the N:M pattern
+    (the layer: hidden 32, FFN 32, int4 2:4 with one scale per channel)."""
+    ck = Checkpoint.open(checkpoint[0])
+    spec = QuantSpec(bits=4, sparsity=parse_sparsity("2:4"))
+    layers = {0: quantize_layer(ck.moe_layer(0), spec, default_calibration(ck, 0))}
+    fits = Identity(link_version=LINK_VERSION, record_version=VERSION, lanes=4, m=4, n=2,
+                    weight_bits=8, group_size=16, hidden=32, ffn=64, experts=4, top_k=2,
+                    shared=2, slots=2, layers=2, max_tokens=4, clock_hz=1, max_payload=64)
+    assert requirements(fits, layers, num_layers=2) == []
+    bad = dataclasses.replace(fits, lanes=3, group_size=64, m=4, n=4)
+    assert requirements(bad, layers, num_layers=2) == [
+        "group_size: device 64, needed a divisor of [32]",
+        "lanes: device 3, needed a divisor of [32]",
+        "sparsity: device dense, needed 2:4"]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--backend", "serial"], "--backend serial needs --port (the board's serial port)"),
     (["--backend", "serial", "--port", "/dev/ttyNOPE", "--board", "icebreaker"],
@@ -190,3 +215,15 @@ def test_message_layouts():
     assert router_message(Layer, 0x102) == bytes(
         [0x01, 0x80, 0xFE, 0xFF, 0xFF, 0x05, 1, 0x02, 0x01,
          1, 0, 0xFF, 0xFF, 0, 1, 2, 0, 3, 0, 4, 0])
+
+
+def test_twin_that_does_not_start_is_one_error(tmp_path):
+    """A twin executable that fails, or does not exist: one MoefpgaError, no hang."""
+    failing = tmp_path / "Vboard_top"
+    failing.write_text("#!/bin/sh\necho 'error: cannot open a pseudo-terminal' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    with pytest.raises(MoefpgaError, match="^the board twin did not start: error: cannot open "
+                                           "a pseudo-terminal$"):
+        BoardSim(failing)
+    with pytest.raises(MoefpgaError, match="^cannot start the board twin"):
+        BoardSim(tmp_path / "missing")
