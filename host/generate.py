@@ -532,13 +532,16 @@ def _open_checkpoint(args):
     return cls, checkpoint
 
 
-def _build(cls, checkpoint, args):
-    """The transformer around the MoE layers of backend ``cls``, and the backend."""
+@contextlib.contextmanager
+def _model(cls, checkpoint, args):
+    """The transformer around the MoE layers of backend ``cls``, and the backend, which is
+    closed (an accelerator session ended, a twin stopped) however the ``with`` block ends."""
     weights = load_weights(checkpoint)
     backend = make_backend(cls, checkpoint, _spec_from_args(args), args)
-    _progress(f"{len(backend.layers)} MoE layers ready on backend {args.backend}, "
-              f"{backend.describe()}")
-    return Transformer(checkpoint.config, weights, backend.layers), backend
+    with contextlib.closing(backend):
+        _progress(f"{len(backend.layers)} MoE layers ready on backend {args.backend}, "
+                  f"{backend.describe()}")
+        yield Transformer(checkpoint.config, weights, backend.layers), backend
 
 
 def cmd_logits(args):
@@ -546,8 +549,7 @@ def cmd_logits(args):
     ids = load_ids(args.ids)
     cls, checkpoint = _open_checkpoint(args)
     check_ids(ids, checkpoint.config)
-    model, backend = _build(cls, checkpoint, args)
-    with contextlib.closing(backend):
+    with _model(cls, checkpoint, args) as (model, backend):
         logits = model.forward(ids)
         backend.finish()
     save_array(args.output, logits)
@@ -560,8 +562,7 @@ def cmd_generate(args):
     check_ids(prompt, checkpoint.config, extra=args.max_new_tokens)
     stops = stop_ids(checkpoint.config)
     tokenizer = load_tokenizer(checkpoint.path)
-    model, backend = _build(cls, checkpoint, args)
-    with contextlib.closing(backend):
+    with _model(cls, checkpoint, args) as (model, backend):
         print("prompt ids " + " ".join(map(str, prompt)))
         print("new ids   ", end="", flush=True)
         new, times = [], [time.perf_counter()]

@@ -148,16 +148,17 @@ def test_shapes_the_sim_cannot_take_are_refused_before_any_work(capsys, checkpoi
 
 def test_generate_on_board_sim_equals_the_model(capsys, tmp_path, sim_report):
     """The board top's Verilator twin through the host link, with the gate predictor
-    prefetching: the same ids as the model backend, and the session's report. The twin is
-    ``test_board_sim``'s (a gated shared expert; 2 lanes of 2:4 int4, G = 32, T_max 4, 3 slots),
-    one build shared with it through ``MOEFPGA_TEST_SIM_CACHE``."""
+    prefetching: the same ids as the model backend and the session's report; then the logits
+    of the prompt, bit for bit. The twin is ``test_board_sim``'s (a gated shared expert; 2 lanes
+    of 2:4 int4, G = 32, T_max 4, 3 slots), one build shared with it through
+    ``MOEFPGA_TEST_SIM_CACHE``."""
     path = write_checkpoint(tmp_path / "qwen2", "qwen2_moe", num_layers=LAYERS,
                             hidden_size=HIDDEN, num_experts=4, top_k=TOP_K,
                             expert_ffn_size=FFN, shared_expert_ffn_size=FFN, vocab_size=64,
                             seed=3)
-    common = ("--checkpoint", path, "--quant", "int4", "--group-size", "32", "--sparsity", "2:4",
-              "--lanes", "2", "--max-tokens", "4", "--slots", "3", "--prompt-ids", PROMPT,
-              "--max-new-tokens", NEW_TOKENS)
+    hardware = ("--checkpoint", path, "--quant", "int4", "--group-size", "32", "--sparsity",
+                "2:4", "--lanes", "2", "--max-tokens", "4", "--slots", "3")
+    common = (*hardware, "--prompt-ids", PROMPT, "--max-new-tokens", NEW_TOKENS)
     status, model_out, err = run(capsys, "generate", *common, "--backend", "model")
     assert status == 0, err
     status, out, err = run(capsys, "generate", *common, "--backend", "board-sim",
@@ -171,3 +172,13 @@ def test_generate_on_board_sim_equals_the_model(capsys, tmp_path, sim_report):
     sim_report.append("board-sim: generated ids equal the model's; " + "; ".join(
         line.strip() for line in err.splitlines()
         if line.startswith("  ") and not line.startswith(("  layer", "  still"))))
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.array([int(i) for i in PROMPT.split(",")]))
+    logits = {}
+    for backend in ("model", "board-sim"):
+        logits[backend] = tmp_path / f"{backend}.npy"
+        status, _, logits_err = run(capsys, "logits", *hardware, "--ids", ids,
+                                    "--output", logits[backend], "--backend", backend)
+        assert status == 0, logits_err
+    assert np.array_equal(np.load(logits["model"]).view(np.uint32),
+                          np.load(logits["board-sim"]).view(np.uint32))
