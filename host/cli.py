@@ -423,6 +423,9 @@ def main(argv=None):
     except MoefpgaError as exc:
         print(f"moefpga: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("moefpga: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,6 +1,7 @@
 """The ``moefpga`` command line, run as a user runs it: a subprocess, its output and exit code."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -257,3 +258,19 @@ def test_shape_too_large_for_the_accumulators(model, tokens):
     with pytest.raises(MoefpgaError, match="hidden size 64 is too large for 28-bit accumulators: "
                                            "at most 31 inputs per row"):
         quantize_layer(layer, QuantSpec(acc_bits=28), np.load(tokens))
+
+
+def test_interrupt_is_one_line_and_status_130(model):
+    """Ctrl-C during long work: ``moefpga: interrupted`` and status 130, no traceback."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moefpga.host.cli", "eval", "--checkpoint", str(model),
+         "--tokens", "200000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr.readline().startswith("eval: layer")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert err.strip().splitlines()[-1] == "moefpga: interrupted"
+    assert "Traceback" not in err
