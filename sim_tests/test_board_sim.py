@@ -7,7 +7,8 @@ code path of a real board: outputs equal ``intmodel.moe_layer`` bit for bit over
 three batches each, with the predictor off and on (prefetches turn loads into hits and cut the
 stall cycles); faults injected into the byte stream both ways, and a stalled twin, are
 recovered with the same answers; a twin that dies is one error; a model the twin does not fit
-is refused naming every mismatch; ``moefpga run --backend board-sim`` and ``--backend serial``
+is refused naming every mismatch; a decode trace gives the hits, loads and prediction accuracy
+of ``moefpga cache-sim``'s replay; ``moefpga run --backend board-sim`` and ``--backend serial``
 (on a running twin) write the same Y.npy as ``--backend model``.
 
 One twin build (a Qwen2-MoE layer: hidden 32, 4 experts of FFN 32, top-2, a gated shared
@@ -37,6 +38,7 @@ from moefpga.hls_models.sparsity import parse_sparsity
 from moefpga.hls_models.synthetic import write_checkpoint
 from moefpga.host import board_sim
 from moefpga.host.accelerator import Accelerator
+from moefpga.host.cache_sim import record_trace, replay
 from moefpga.host.cli import default_calibration, main
 from moefpga.host.link import Link
 from moefpga.host.pack import pack_layer
@@ -158,6 +160,34 @@ def test_two_layers_predictor_off_and_on(model, twin, sim_report):
     assert on.prefetches > 0
     assert on.hits > off.hits and on.requests < off.requests
     assert on.stall < off.stall, (on.stall, off.stall)
+
+
+def test_decode_trace_equals_cache_replay(model, twin, sim_report):
+    """Tokens decoded one at a time through the whole model (``cache_sim.record_trace``), each
+    MoE step run on the twin with the history predictor: the device's hits and loads, the
+    prefetches and the prediction accuracy equal ``cache_sim.replay`` of the same trace
+    (pure Python), and every output equals the integer model."""
+    checkpoint, layers, _, _ = model
+    _, executable = twin
+    predictors = ("history", "gate", "none") if FULL_SWEEP else ("history",)
+    trace = record_trace(Checkpoint.open(checkpoint), SPEC, 16 if FULL_SWEEP else 6)
+    for predictor in predictors:
+        process, accelerator = session(executable, layers, predictor)
+        with process:
+            for steps in trace.tokens:
+                for step in steps:
+                    xq, exp = quantize_activations(step.hidden)
+                    out = accelerator.run_layer(step.layer, xq, exp)
+                    assert np.array_equal(out, intmodel.moe_layer(xq, exp, layers[step.layer]))
+            stats = accelerator.stats
+            accelerator.close()
+        replayed = replay(trace, slots=OPTIONS.slots, policy="lru", predictor=predictor)
+        assert (stats.hits, stats.loads, stats.prefetches, stats.accuracy) == (
+            replayed.stats.hits, replayed.stats.demand_loads, replayed.stats.prefetches,
+            replayed.accuracy)
+        sim_report.append(f"decode trace of {len(trace.tokens)} tokens, {predictor}: hit rate "
+                          f"{stats.hit_rate:.1%}, accuracy {stats.accuracy}, stall "
+                          f"{stats.stall} of {stats.cycles} cycles, as cache-sim's replay")
 
 
 class FaultyTransport:
