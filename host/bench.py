@@ -13,6 +13,7 @@ import gc
 import importlib
 import json
 import math
+import os
 import re
 import struct
 import subprocess
@@ -371,8 +372,9 @@ def cache_rows(checkpoint, spec, slots, tokens, record_bytes, progress, traces):
 def amaranth_speed(hw, int_layer, layer, x16, exp, records, cycles):
     """Simulated cycles per second of ``hw`` in Amaranth's Python simulator, driven as the
     Verilator driver drives it (router weights, then the tokens, every request answered with
-    its record), for ``cycles`` cycles from reset. Returns cycles, seconds and the seconds the
-    simulator took to compile the design."""
+    its record), for ``cycles`` cycles from reset. Returns the cycles and seconds of the timed
+    part (all but the first :data:`_AMARANTH_WARMUP` cycles) and the seconds until then
+    (building the simulator and compiling the design)."""
     from amaranth.sim import Simulator
 
     from ..rtl.expert_stream import SHARED_EXPERT
@@ -427,10 +429,16 @@ def amaranth_speed(hw, int_layer, layer, x16, exp, records, cycles):
     simulator = Simulator(hw)
     simulator.add_clock(1e-6)
     simulator.add_testbench(drive)
+    simulator.run_until(_AMARANTH_WARMUP * 1e-6)      # compiles the design on the way
     compiled = time.monotonic() - start
     start = time.monotonic()
     simulator.run()
-    return {"cycles": cycles, "seconds": time.monotonic() - start, "compile_seconds": compiled}
+    return {"cycles": cycles - _AMARANTH_WARMUP, "seconds": time.monotonic() - start,
+            "warmup_cycles": _AMARANTH_WARMUP, "compile_seconds": compiled}
+
+
+#: Cycles of the Amaranth run before the timed part (their time includes compiling the design).
+_AMARANTH_WARMUP = 10
 
 
 def packing_speed(int_layer, layer, params, repeat):
@@ -527,6 +535,7 @@ def measure_config(sim, checkpoint, config, inputs, decode_tokens, progress):
     layers = cfg.moe_layers
     hw = sim.hardware_for(checkpoint.moe_layer(layers[0]), config.spec,
                           num_layers=cfg.num_layers, options=config.options)
+    source = _source()          # the working tree the top's Verilog is generated from
     executable = sim.build(hw, progress)
     speed = _SpeedLog(progress)
     per_layer, int_layers = [], {}
@@ -544,7 +553,7 @@ def measure_config(sim, checkpoint, config, inputs, decode_tokens, progress):
                           "weight_bits": e.weight_bits, "group_size": e.group_size,
                           "max_tokens": hw.params.max_tokens, "slots": config.options.slots,
                           "router_macs": hw.macs},
-             **summary, "layers": per_layer,
+             "source": source, **summary, "layers": per_layer,
              "verilator": {"cycles": speed.cycles, "seconds": speed.seconds,
                            "cycles_per_s": speed.cycles / max(speed.seconds, 1e-9)}}
     if config.board:
@@ -570,7 +579,7 @@ def run_bench(checkpoint, configs, *, prefill_tokens, decode_tokens, cache_token
     inputs = {layer: calibration_tokens(cfg.hidden_size, checkpoint.norm_weight(layer),
                                         count=prefill_tokens, seed=1000 + layer)
               for layer in cfg.moe_layers}
-    results = {"model": _model_facts(checkpoint), "source": _source(),
+    results = {"model": _model_facts(checkpoint),
                "settings": {"prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens,
                             "cache_tokens": cache_tokens, "amaranth_cycles": amaranth_cycles},
                "link": {"bits_per_byte": LINK_BITS_PER_BYTE, "framing": "8N1 UART, "
@@ -607,7 +616,8 @@ def measure_tools(checkpoint, first, inputs, amaranth_cycles, progress):
     amaranth["cycles_per_s"] = amaranth["cycles"] / amaranth["seconds"]
     verilator = dict(entry["verilator"], config=entry["name"])
     progress("bench: host packing throughput")
-    return {"verilator": verilator, "amaranth": dict(amaranth, config=entry["name"]),
+    return {"cpus": os.cpu_count(), "load_average": os.getloadavg(),
+            "verilator": verilator, "amaranth": dict(amaranth, config=entry["name"]),
             "verilator_over_amaranth": verilator["cycles_per_s"] / amaranth["cycles_per_s"],
             "packing": dict(packing_speed(int_layer, layer, hw.params, repeat=3),
                             config=entry["name"])}
@@ -686,13 +696,13 @@ def write_plots(results, folder):
 def _plot_cycles(plt, results):
     """Stacked compute / stall / other cycles per token of each layer, per phase."""
     configs = results["configs"]
-    figure, axes = plt.subplots(2, 1, figsize=(11, 7.5))
+    figure, axes = plt.subplots(2, 1, figsize=(11, 9))
     for ax, phase in zip(axes, ("prefill", "decode"), strict=True):
         labels, parts = [], {"compute": [], "stall on loads": [], "other": []}
         for c in configs:
             for entry in c["layers"]:
                 s = entry[phase]
-                labels.append(f"{c['name']}\nL{entry['layer']}")
+                labels.append(f"{c['name']} L{entry['layer']}")
                 parts["compute"].append(s["compute"] / s["tokens"])
                 parts["stall on loads"].append(s["stall"] / s["tokens"])
                 parts["other"].append((s["cycles"] - s["compute"] - s["stall"]) / s["tokens"])
@@ -700,7 +710,7 @@ def _plot_cycles(plt, results):
         for (name, values), color in zip(parts.items(), ("#3a7", "#d54", "#bbb"), strict=True):
             ax.bar(range(len(labels)), values, bottom=bottom, label=name, color=color)
             bottom += values
-        ax.set_xticks(range(len(labels)), labels, fontsize=6)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=60, ha="right")
         ax.set_ylabel("cycles per token")
         ax.set_title(f"{phase}: cycles per token per MoE layer (measured, Verilator)")
         ax.legend(fontsize=8)
