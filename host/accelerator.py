@@ -202,12 +202,16 @@ class Accelerator:
         if problems:
             raise MoefpgaError("the device does not fit this model: " + "; ".join(problems))
         i = self.identity
-        self.params = ExpertFfnParams(lanes=i.lanes, m=i.m, n=i.n, weight_bits=i.weight_bits,
-                                      group_size=i.group_size, max_tokens=i.max_tokens,
-                                      hidden=i.hidden, ffn=i.ffn, acc_bits=first.acc_bits)
-        self._layout = MoeLayer(self.params, hidden=i.hidden, experts=i.experts,
-                                top_k=i.top_k, slots=i.slots, shared=i.shared > 0,
-                                shared_gate=i.shared == 2, layers=i.layers).counters_layout
+        try:
+            self.params = ExpertFfnParams(
+                lanes=i.lanes, m=i.m, n=i.n, weight_bits=i.weight_bits, group_size=i.group_size,
+                max_tokens=i.max_tokens, hidden=i.hidden, ffn=i.ffn, acc_bits=first.acc_bits)
+            self._layout = MoeLayer(self.params, hidden=i.hidden, experts=i.experts,
+                                    top_k=i.top_k, slots=i.slots, shared=i.shared > 0,
+                                    shared_gate=i.shared == 2, layers=i.layers).counters_layout
+        except (TypeError, ValueError) as error:
+            raise MoefpgaError(f"the device's IDENTIFY describes hardware that cannot be "
+                               f"built ({error}): not a moefpga board top") from None
         self._records = {}
         self.cache = ExpertCache(i.slots, policy, shared=first.shared is not None,
                                  record_bytes=lambda layer, e: len(self._record(layer, e)))

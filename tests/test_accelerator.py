@@ -96,14 +96,24 @@ def _run(checkpoint, tmp_path, *args):
                 tmp_path / "y.npy", "--quant", "int4", "--sparsity", "2:4", *args)
 
 
-def test_device_for_other_hardware_is_refused(checkpoint, tmp_path, pty):
-    """A device whose IDENTIFY does not fit the layer: one error line naming each mismatch,
-    exit status 2, nothing written."""
+#: A device the test layer does not fit: a board top built for the default model.
+OTHER = Identity(link_version=LINK_VERSION, record_version=VERSION, lanes=4, m=4, n=2,
+                 weight_bits=4, group_size=32, hidden=128, ffn=256, experts=8, top_k=2, shared=2,
+                 slots=2, layers=1, max_tokens=4, clock_hz=24_000_000, max_payload=MAX_PAYLOAD,
+                 fmax_khz=27_456)
+#: One it fits, but whose parameters no hardware has (a batch of no tokens).
+IMPOSSIBLE = dataclasses.replace(OTHER, hidden=32, experts=4, layers=2, max_tokens=0)
+
+
+@pytest.mark.parametrize(("identity", "message"), [
+    (OTHER, "the device does not fit this model: hidden: device 128, needed 32; experts: "
+            "device 8, needed 4; layers: device 1, needed at least 2"),
+    (IMPOSSIBLE, "the device's IDENTIFY describes hardware that cannot be built"),
+])
+def test_device_for_other_hardware_is_refused(checkpoint, tmp_path, pty, identity, message):
+    """A device whose IDENTIFY does not fit the layer, or describes impossible hardware: one
+    error line (naming each mismatch), exit status 2, nothing written."""
     master, path = pty
-    identity = Identity(link_version=LINK_VERSION, record_version=VERSION, lanes=4, m=4, n=2,
-                        weight_bits=4, group_size=32, hidden=128, ffn=256, experts=8, top_k=2,
-                        shared=2, slots=2, layers=1, max_tokens=4, clock_hz=24_000_000,
-                        max_payload=MAX_PAYLOAD, fmax_khz=27_456)
 
     def device(stop):
         link = Link(MasterTransport(master), timeout=0.2)
@@ -119,9 +129,7 @@ def test_device_for_other_hardware_is_refused(checkpoint, tmp_path, pty):
     stop.set()
     thread.join(5)
     assert code == 2 and out == ""
-    assert err.splitlines()[-1] == (
-        "moefpga: error: the device does not fit this model: hidden: device 128, needed 32; "
-        "experts: device 8, needed 4; layers: device 1, needed at least 2")
+    assert err.splitlines()[-1].startswith(f"moefpga: error: {message}")
     assert "Traceback" not in err and not (tmp_path / "y.npy").exists()
 
 
