@@ -12,18 +12,15 @@ of ``moefpga cache-sim``'s replay; ``moefpga run --backend board-sim`` and ``--b
 (on a running twin) write the same Y.npy as ``--backend model``.
 
 One twin build (a Qwen2-MoE layer: hidden 32, 4 experts of FFN 32, top-2, a gated shared
-expert; P = 2 lanes of 2:4 int4, G = 32, T_max 4, 3 slots), about a minute; the builds go to a
-fresh cache folder under build/ (``MOEFPGA_TEST_SIM_CACHE`` keeps one between sessions).
+expert; P = 2 lanes of 2:4 int4, G = 32, T_max 4, 3 slots), about a minute, in the test
+session's build cache (conftest.py), which ``test_generate_sim`` reuses.
 """
 
 import os
 import random
-import shutil
 import signal
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,30 +43,12 @@ from moefpga.host.predictor import top_k
 from moefpga.host.sim_options import SimOptions
 from moefpga.host.transport import SerialTransport
 
-REPO = Path(__file__).resolve().parent.parent
 SPEC = QuantSpec(bits=4, group_size=32, sparsity=parse_sparsity("2:4"))
 OPTIONS = SimOptions(lanes=2, max_tokens=4, slots=3)
 #: 10 tokens: batches of 4, 4 and 2.
 TOKENS = 10
 CLI_SPEC = ["--quant", "int4", "--group-size", "32", "--sparsity", "2:4", "--lanes", "2",
             "--max-tokens", "4", "--slots", "3"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sim_cache():
-    """MOEFPGA_CACHE for the module: a fresh folder under build/ (or MOEFPGA_TEST_SIM_CACHE)."""
-    keep = os.environ.get("MOEFPGA_TEST_SIM_CACHE")
-    if keep:
-        folder = Path(keep)
-        folder.mkdir(parents=True, exist_ok=True)
-    else:
-        (REPO / "build").mkdir(exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix="test-board-sim-", dir=REPO / "build"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MOEFPGA_CACHE", str(folder))
-        yield folder
-    if not keep:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,12 @@
 whole model on the Verilated MoE layer top, against ``--backend model``.
 
 One Verilator build by default: the Mixtral checkpoint and hardware of ``test_run_sim``'s first
-case (hidden 32, 4 experts of FFN 32, top-2, two layers, int8 dense, T_max 8), so with
-``MOEFPGA_TEST_SIM_CACHE`` set the two modules share it. ``MOEFPGA_SIM_FULL=1`` adds Qwen2-MoE
-(a gated shared expert) with int4 2:4 weights, one more build.
+case (hidden 32, 4 experts of FFN 32, top-2, two layers, int8 dense, T_max 8), taken from
+the test session's build cache (conftest.py) when that module ran first.
+``MOEFPGA_SIM_FULL=1`` adds Qwen2-MoE (a gated shared expert) with int4 2:4 weights, one more
+build.
 """
 
-import os
 import re
 
 import numpy as np
@@ -23,15 +23,6 @@ NEW_TOKENS = 3
 LAYERS, HIDDEN, FFN, TOP_K, MAX_TOKENS = 2, 32, 32, 2, 8
 CASES = sweep([("mixtral", ("--quant", "int8"))],
               [("qwen2_moe", ("--quant", "int4", "--group-size", "32", "--sparsity", "2:4"))])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def sim_cache(tmp_path_factory):
-    """MOEFPGA_CACHE for this module: MOEFPGA_TEST_SIM_CACHE, else a fresh folder."""
-    folder = os.environ.get("MOEFPGA_TEST_SIM_CACHE") or tmp_path_factory.mktemp("sim-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MOEFPGA_CACHE", str(folder))
-        yield folder
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +142,7 @@ def test_generate_on_board_sim_equals_the_model(capsys, tmp_path, sim_report):
     prefetching: the same ids as the model backend and the session's report; then the logits
     of the prompt, bit for bit. The twin is ``test_board_sim``'s (a gated shared expert; 2 lanes
     of 2:4 int4, G = 32, T_max 4, 3 slots), one build shared with it through
-    ``MOEFPGA_TEST_SIM_CACHE``."""
+    the session's build cache."""
     path = write_checkpoint(tmp_path / "qwen2", "qwen2_moe", num_layers=LAYERS,
                             hidden_size=HIDDEN, num_experts=4, top_k=TOP_K,
                             expert_ffn_size=FFN, shared_expert_ffn_size=FFN, vocab_size=64,

@@ -4,15 +4,12 @@ Every family (synthetic checkpoints, small sizes) with int8 and int4 weights, de
 the sim backend's Y.npy must equal the model backend's bit for bit. Each hardware configuration
 is one Verilator build (about a minute), so the default run takes two builds: int8 dense for
 Mixtral, OLMoE and Qwen3-MoE (the same hardware at these sizes) and int4 2:4 for Qwen2-MoE;
-``MOEFPGA_SIM_FULL=1`` runs all sixteen. The builds go to a cache
-folder under the repository's ``build/`` made for the test session and removed after it; set
-``MOEFPGA_TEST_SIM_CACHE`` to a folder to keep the builds between sessions.
+``MOEFPGA_SIM_FULL=1`` runs all sixteen. The builds go to the test session's cache
+(conftest.py: a folder under ``build/`` removed after the session, or
+``MOEFPGA_TEST_SIM_CACHE`` to keep the builds between sessions).
 """
 
-import os
-import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -27,7 +24,6 @@ from moefpga.host import sim
 from moefpga.host.cli import main
 from moefpga.host.sim_build import build_executable
 
-REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 #: (weight width, sparsity, extra options); the second also checks groups of 32 columns.
 SETTINGS = (("int8", "dense", ()), ("int4", "2:4", ("--group-size", "32")),
@@ -40,23 +36,6 @@ DEFAULT = [("mixtral", SETTINGS[0]), ("olmoe", SETTINGS[0]), ("qwen3_moe", SETTI
 CASES = sweep(DEFAULT, [(f, s) for f in FAMILIES for s in SETTINGS if (f, s) not in DEFAULT])
 #: Tokens per run and T_max: batches of 8, 8 and 4 tokens.
 TOKENS, MAX_TOKENS = 20, 8
-
-
-@pytest.fixture(scope="session", autouse=True)
-def sim_cache():
-    """MOEFPGA_CACHE for the session: a fresh folder under build/ (or MOEFPGA_TEST_SIM_CACHE)."""
-    keep = os.environ.get("MOEFPGA_TEST_SIM_CACHE")
-    if keep:
-        folder = Path(keep)
-        folder.mkdir(parents=True, exist_ok=True)
-    else:
-        (REPO / "build").mkdir(exist_ok=True)
-        folder = Path(tempfile.mkdtemp(prefix="test-sim-cache-", dir=REPO / "build"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MOEFPGA_CACHE", str(folder))
-        yield folder
-    if not keep:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
