@@ -25,7 +25,7 @@ from ..hls_models.errors import MoefpgaError
 from ..hls_models.quant import GROUP_SIZES, quantize_activations
 from ..hls_models.sparsity import parse_sparsity
 from ..hls_models.synthetic import DEFAULT_MODEL, ensure_default_model
-from .sim_options import SimOptions
+from .extras import require
 from .storage import layer_storage_table
 
 BACKENDS = ("reference", "model", "sim", "board-sim", "serial")
@@ -228,6 +228,9 @@ def _ranges(indices):
 
 
 def cmd_run(args):
+    from .backend_options import backend_options  # it imports this module
+
+    options = backend_options(args, args.backend)
     check_output(args.output)
     checkpoint = Checkpoint.open(args.checkpoint)
     spec = _spec_from_args(args)
@@ -236,8 +239,10 @@ def cmd_run(args):
                    if args.calibration else default_calibration(checkpoint, args.layer))
     weights = checkpoint.moe_layer(args.layer)
     check_run(weights, args.backend, spec, calibration)
-    simulate = (_simulator(args, checkpoint, weights, spec) if args.backend == "sim" else
-                _accelerator(args, checkpoint) if args.backend in LINK_BACKENDS else None)
+    simulate = (_simulator(args.layer, options, checkpoint, weights, spec)
+                if args.backend == "sim" else
+                _accelerator(args.backend, args.layer, options, checkpoint)
+                if args.backend in LINK_BACKENDS else None)
     setting = spec if args.backend != "reference" else f"float32 {spec.sparsity}"
     _progress(f"layer {args.layer}: {x.shape[0]} tokens on backend {args.backend}, {setting}")
     y = run_layer(weights, x, args.backend, spec, calibration, simulate)
@@ -245,66 +250,45 @@ def cmd_run(args):
     print(f"wrote {args.output}: {y.shape[0]} x {y.shape[1]} float32")
 
 
-def _simulator(args, checkpoint, weights, spec):
+def _simulator(layer, options, checkpoint, weights, spec):
     """The sim backend's ``simulate(int_layer, xq, exp)`` for ``run_layer``: sizes the MoE
-    layer top for the layer (refusing shapes it cannot take before any work), builds it (or
-    takes it from the cache) and runs it, printing the counters summary."""
-    try:
-        from . import sim  # needs the simulation extras (amaranth), only for this backend
-        from .sim_build import verilator_root
-    except ImportError as exc:
-        raise MoefpgaError(f"the sim backend needs the simulation extras ({exc}); install "
-                           "them: pip install 'moefpga[sim]'") from None
-
-    verilator_root()       # no Verilator: refused before any work
-    options = SimOptions(lanes=args.lanes, max_tokens=args.max_tokens, slots=args.slots)
+    layer top for the layer with ``options`` (:class:`.backend_options.BackendOptions`),
+    refusing shapes it cannot take before any work, builds it (or takes it from the cache) and
+    runs it, printing the counters summary."""
+    sim = require("sim", "the sim backend", verilator=True)   # before any work
     hw = sim.hardware_for(weights, spec, num_layers=checkpoint.config.num_layers,
-                          options=options)
+                          options=options.sim)
 
     def simulate(int_layer, xq, exp):
         executable = sim.build(hw, _progress)
         _progress(f"simulating {len(xq)} tokens in batches of at most {options.max_tokens}")
-        result = sim.run_layer(executable, hw, int_layer, args.layer, xq, exp, _progress)
-        print(f"simulated layer {args.layer}: {len(xq)} tokens in {result.batches} batches")
+        result = sim.run_layer(executable, hw, int_layer, layer, xq, exp, _progress)
+        print(f"simulated layer {layer}: {len(xq)} tokens in {result.batches} batches")
         print(sim.format_counters(result.counters, len(xq)))
         return result.outputs
 
     return simulate
 
 
-def _accelerator(args, checkpoint):
+def _accelerator(backend, layer, options, checkpoint):
     """The link backends' ``simulate(int_layer, xq, exp)`` for ``run_layer``: one session with
-    the twin (board-sim) or the board on ``--port`` (serial) through host/accelerator.py,
-    printing the device, the counters and the cache report. Options that do not belong to the
-    backend are refused before any work."""
-    if args.backend == "serial" and not args.port:
-        raise MoefpgaError("--backend serial needs --port (the board's serial port)")
-    if args.backend == "serial" and args.board:
-        raise MoefpgaError("--board is for --backend board-sim (the twin of that board)")
-    if args.backend == "board-sim" and args.port:
-        raise MoefpgaError("--port is for --backend serial; board-sim opens its own "
-                           "pseudo-terminal")
-    try:
-        from .accelerator import open_accelerator  # needs the simulation extras (amaranth)
-        if args.backend == "board-sim":
-            from .sim_build import verilator_root
-            verilator_root()   # no Verilator: refused before any work
-    except ImportError as exc:
-        raise MoefpgaError(f"the {args.backend} backend needs the simulation extras ({exc}); "
-                           "install them: pip install 'moefpga[sim]'") from None
+    the twin (board-sim) or the board on ``options.port`` (serial) through host/accelerator.py,
+    printing the device, the counters and the cache report. Missing extras are refused before
+    any work."""
+    accelerator = require("accelerator", f"the {backend} backend",
+                          verilator=backend == "board-sim")
 
     def simulate(int_layer, xq, exp):
-        options = SimOptions(lanes=args.lanes, max_tokens=args.max_tokens, slots=args.slots)
-        with open_accelerator(args.backend, {args.layer: int_layer},
-                              num_layers=checkpoint.config.num_layers, port=args.port,
-                              baud=args.baud, board=args.board, options=options,
-                              policy=args.policy, predictor=args.predictor,
-                              progress=_progress) as accelerator:
-            print(format_identity(accelerator.identity))
-            y = accelerator.run_layer(args.layer, xq, exp)
-            stats = accelerator.stats
-        print(f"{args.backend} layer {args.layer}: {stats.tokens} tokens in {stats.batches} "
-              f"batches, policy {args.policy}, predictor {args.predictor}")
+        with accelerator.open_accelerator(
+                backend, {layer: int_layer}, num_layers=checkpoint.config.num_layers,
+                port=options.port, baud=options.baud, board=options.board, options=options.sim,
+                policy=options.policy, predictor=options.predictor,
+                progress=_progress) as session:
+            print(format_identity(session.identity))
+            y = session.run_layer(layer, xq, exp)
+            stats = session.stats
+        print(f"{backend} layer {layer}: {stats.tokens} tokens in {stats.batches} "
+              f"batches, policy {options.policy}, predictor {options.predictor}")
         print(stats.summary())
         return y
 
@@ -379,24 +363,8 @@ def build_parser():
     p.add_argument("--sparsity", default="dense", help="dense or N:M, e.g. 2:4 (default dense)")
     p.add_argument("--calibration", metavar="C.npy",
                    help="tokens that set the static scales (default: synthetic RMSNorm-shaped)")
-    p.add_argument("--lanes", type=_positive_int, default=SimOptions.lanes, metavar="P",
-                   help="sim backend: engine lanes P (default %(default)s)")
-    p.add_argument("--max-tokens", type=_positive_int, default=SimOptions.max_tokens,
-                   metavar="T", help="sim backend: largest batch T_max (default %(default)s)")
-    p.add_argument("--slots", type=_positive_int, default=SimOptions.slots, metavar="S",
-                   help="sim backend: on-chip expert slots (default %(default)s)")
-    p.add_argument("--port", help="serial backend: the board's serial port, e.g. /dev/ttyUSB1")
-    p.add_argument("--baud", type=_positive_int, default=115200,
-                   help="serial backend: baud rate (default %(default)s)")
-    p.add_argument("--board", metavar="NAME",
-                   help="board-sim backend: the twin of this board (boards/NAME.yaml, sized "
-                        "for the default model); default: sized for the layer like --backend "
-                        "sim")
-    p.add_argument("--policy", choices=("lru", "lfu"), default="lru",
-                   help="board-sim/serial: the host's cache policy (default %(default)s)")
-    p.add_argument("--predictor", choices=("gate", "history", "none"), default="none",
-                   help="board-sim/serial: next-layer predictor for prefetches (default "
-                        "%(default)s)")
+    from .backend_options import add_backend_options  # it imports this module
+    add_backend_options(p, clock=False)
     p.set_defaults(func=cmd_run)
 
     from .evaluate import add_commands as add_eval_commands  # eval; imports this module

@@ -18,8 +18,9 @@ from ..hls_models.checkpoint import Checkpoint
 from ..hls_models.errors import MoefpgaError
 from ..hls_models.fidelity import evaluate_layer, relative_l2
 from ..hls_models.transformer import Transformer, check_ids, check_supported, load_weights
+from .backend_options import add_backend_options, backend_options
 from .cli import DEFAULT_SETTINGS, _positive_int, _progress, parse_setting
-from .generate import ReferenceBackend, accelerator_args, backend_class, load_ids, make_backend
+from .generate import ReferenceBackend, backend_class, load_ids, make_backend
 
 __all__ = ["LogitFidelity", "format_eval", "whole_model_fidelity", "format_whole_model",
            "default_ids", "add_commands", "WHOLE_MODEL_BACKENDS"]
@@ -76,9 +77,9 @@ def default_ids(config, count, seed=0):
     return np.random.default_rng(seed).integers(config.vocab_size, size=count)
 
 
-def whole_model_fidelity(checkpoint, specs, ids, backend="model", args=None):
-    """Per spec, the :class:`LogitFidelity` of backend ``backend`` (built with the options in
-    ``args``, see :func:`.generate.make_backend`) against the float reference on the same
+def whole_model_fidelity(checkpoint, specs, ids, backend="model", options=None):
+    """Per spec, the :class:`LogitFidelity` of backend ``backend`` (built with the accelerator
+    ``options``, see :func:`.generate.make_backend`) against the float reference on the same
     pruned experts, and against the dense float model: a list of ``(spec, same, dense)``.
 
     Raises
@@ -86,7 +87,7 @@ def whole_model_fidelity(checkpoint, specs, ids, backend="model", args=None):
     MoefpgaError
         As the backends and :meth:`Transformer.forward` do.
     """
-    cls = backend_class(backend, args)
+    cls = backend_class(backend)
     check_supported(checkpoint.config)
     check_ids(ids, checkpoint.config)
     weights = load_weights(checkpoint)
@@ -108,7 +109,7 @@ def whole_model_fidelity(checkpoint, specs, ids, backend="model", args=None):
     rows = []
     for spec in specs:
         _progress(f"eval: the whole model on backend {backend}, {spec}")
-        test = logits(make_backend(cls, checkpoint, spec, args))
+        test = logits(make_backend(cls, checkpoint, spec, options))
         rows.append((spec, LogitFidelity.of(test, reference(spec.sparsity)),
                      LogitFidelity.of(test, reference(QuantSpec().sparsity))))
     return rows
@@ -128,12 +129,17 @@ def format_whole_model(rows, ids, backend):
 
 
 def cmd_eval(args):
-    checkpoint = Checkpoint.open(args.checkpoint)
-    specs = [parse_setting(s) for s in args.setting or DEFAULT_SETTINGS]
-    if not args.whole_model:
+    if args.whole_model:
+        backend = args.backend or "model"
+        options = backend_options(args, backend)
+    else:
         for option in ("ids", "backend"):
             if getattr(args, option) is not None:
                 raise MoefpgaError(f"--{option} applies to --whole-model")
+        backend_options(args, None, where="--whole-model with ")   # refuses every one given
+    checkpoint = Checkpoint.open(args.checkpoint)
+    specs = [parse_setting(s) for s in args.setting or DEFAULT_SETTINGS]
+    if not args.whole_model:
         print(format_eval(checkpoint, _eval_layers(checkpoint, args.layers), specs,
                           args.tokens or LAYER_TOKENS))
         return
@@ -143,8 +149,7 @@ def cmd_eval(args):
         raise MoefpgaError("give --ids or --tokens, not both")
     ids = (load_ids(args.ids) if args.ids is not None
            else default_ids(checkpoint.config, args.tokens or SEQUENCE_TOKENS))
-    backend = args.backend or "model"
-    rows = whole_model_fidelity(checkpoint, specs, ids, backend, args)
+    rows = whole_model_fidelity(checkpoint, specs, ids, backend, options)
     print(format_whole_model(rows, ids, backend))
 
 
@@ -179,5 +184,5 @@ def add_commands(sub, checkpoint_arg):
                         "random sequence")
     p.add_argument("--backend", choices=WHOLE_MODEL_BACKENDS,
                    help="with --whole-model: where the quantized MoE layers run (default model)")
-    accelerator_args(p)
+    add_backend_options(p)
     p.set_defaults(func=cmd_eval)

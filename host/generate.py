@@ -9,7 +9,6 @@ subclass :class:`ModelBackend` through :class:`AcceleratorBackend`, overriding
 (:class:`HardwareTally`); ``sim`` runs each layer on the Verilated MoE layer top.
 """
 
-import argparse
 import contextlib
 import time
 from collections import Counter
@@ -30,6 +29,13 @@ from ..hls_models.transformer import (
     generate,
     load_weights,
 )
+from .backend_options import (
+    BAUD,
+    SIM_CLOCK_MHZ,
+    BackendOptions,
+    add_backend_options,
+    backend_options,
+)
 from .cli import (
     _positive_int,
     _progress,
@@ -41,21 +47,15 @@ from .cli import (
     run_layer,
     save_array,
 )
-from .expert_cache import POLICIES
+from .extras import require
 from .pack import pack_layer
-from .predictor import PREDICTORS
 from .sim_options import SimOptions
 
 __all__ = ["MoEBackend", "ReferenceBackend", "ModelBackend", "AcceleratorBackend", "SimBackend",
            "BoardBackend", "BoardSimBackend", "SerialBackend", "HardwareTally", "BACKENDS",
            "SIM_CLOCK_MHZ", "backend_class",
-           "make_backend", "add_commands", "accelerator_args", "load_ids", "parse_ids",
+           "make_backend", "add_commands", "load_ids", "parse_ids",
            "stop_ids", "load_tokenizer"]
-
-#: The sim backend's default clock: the iCEBreaker board top's PLL clock (docs/boards.md).
-SIM_CLOCK_MHZ = 24.0
-#: The serial link's default baud rate (docs/link.md).
-BAUD = 115200
 
 
 class MoEBackend:
@@ -234,10 +234,6 @@ class AcceleratorBackend(ModelBackend):
     def check_available(cls) -> None:
         """Refuse, before any work, a backend whose tools are not installed."""
 
-    @classmethod
-    def check_args(cls, args) -> None:
-        """Refuse, before any work, options that do not fit this backend."""
-
     def run_integer(self, index, int_layer, xq, exp):
         outputs, counts = self.run_hardware(index, int_layer, xq, exp)
         self.tally.add(index, len(xq), counts)
@@ -257,16 +253,9 @@ class AcceleratorBackend(ModelBackend):
             _progress(self.report())
 
 
-def _sim_modules():
+def _sim_module():
     """``host.sim``, after checking that Verilator is installed; a MoefpgaError otherwise."""
-    try:
-        from . import sim  # needs the simulation extras (amaranth), only for this backend
-        from .sim_build import verilator_root
-    except ImportError as exc:
-        raise MoefpgaError(f"the sim backend needs the simulation extras ({exc}); install "
-                           "them: pip install 'moefpga[sim]'") from None
-    verilator_root()
-    return sim
+    return require("sim", "the sim backend", verilator=True)
 
 
 class SimBackend(AcceleratorBackend):
@@ -282,7 +271,7 @@ class SimBackend(AcceleratorBackend):
 
     def __init__(self, checkpoint, spec, options: SimOptions | None = None,
                  clock_hz: float = SIM_CLOCK_MHZ * 1e6):
-        self.sim = _sim_modules()
+        self.sim = _sim_module()
         self.options, self.clock_hz = options or SimOptions(), clock_hz
         self.num_layers = checkpoint.config.num_layers
         self.hardware = None
@@ -292,12 +281,11 @@ class SimBackend(AcceleratorBackend):
 
     @classmethod
     def check_available(cls):
-        _sim_modules()
+        _sim_module()
 
     @classmethod
-    def from_args(cls, checkpoint, spec, args):
-        options = SimOptions(lanes=args.lanes, max_tokens=args.max_tokens, slots=args.slots)
-        return cls(checkpoint, spec, options, clock_hz=args.clock_mhz * 1e6)
+    def from_options(cls, checkpoint, spec, options: BackendOptions):
+        return cls(checkpoint, spec, options.sim, clock_hz=options.clock_mhz * 1e6)
 
     def _fit(self, index, weights):
         # Every MoE layer has the checkpoint's sizes (checked on reading), so the hardware
@@ -358,30 +346,13 @@ class BoardBackend(AcceleratorBackend):
 
     @classmethod
     def check_available(cls):
-        try:
-            from . import accelerator  # noqa: F401  the simulation extras (amaranth, pyserial)
-        except ImportError as exc:
-            raise MoefpgaError(f"the {cls.name} backend needs the simulation extras ({exc}); "
-                               "install them: pip install 'moefpga[sim]'") from None
-        if cls.name == "board-sim":
-            _sim_modules()                            # Verilator, for the twin
+        # The twin also needs Verilator.
+        require("accelerator", f"the {cls.name} backend", verilator=cls.name == "board-sim")
 
     @classmethod
-    def check_args(cls, args):
-        # As ``moefpga run`` refuses them (host/cli.py).
-        if cls.name == "serial" and not args.port:
-            raise MoefpgaError("--backend serial needs --port (the board's serial port)")
-        if cls.name == "serial" and args.board:
-            raise MoefpgaError("--board is for --backend board-sim (the twin of that board)")
-        if cls.name == "board-sim" and args.port:
-            raise MoefpgaError("--port is for --backend serial; board-sim opens its own "
-                               "pseudo-terminal")
-
-    @classmethod
-    def from_args(cls, checkpoint, spec, args):
-        options = SimOptions(lanes=args.lanes, max_tokens=args.max_tokens, slots=args.slots)
-        return cls(checkpoint, spec, port=args.port, baud=args.baud, board=args.board,
-                   options=options, policy=args.policy, predictor=args.predictor)
+    def from_options(cls, checkpoint, spec, options: BackendOptions):
+        return cls(checkpoint, spec, port=options.port, baud=options.baud, board=options.board,
+                   options=options.sim, policy=options.policy, predictor=options.predictor)
 
     def run_hardware(self, index, int_layer, xq, exp):
         before = self.accelerator.stats
@@ -437,7 +408,7 @@ class BoardSimBackend(BoardBackend):
         # The twin is sized as the sim backend's top; sizing the first layer refuses shapes
         # it cannot take before anything is quantized (the sized top itself is not used).
         if self.board is None and not self.int_layers:
-            hardware = _sim_modules().hardware_for(weights, self.spec,
+            hardware = _sim_module().hardware_for(weights, self.spec,
                                                    num_layers=self.num_layers,
                                                    options=self.options)
             hardware._MustUse__silence = True      # amaranth's "created but never used"
@@ -453,24 +424,22 @@ BACKENDS = {backend.name: backend for backend in (ReferenceBackend, ModelBackend
                                                   BoardSimBackend, SerialBackend)}
 
 
-def backend_class(name: str, args=None) -> type[MoEBackend]:
-    """The backend called ``name``; a MoefpgaError if its tools are not installed or the
-    options in ``args`` do not fit it."""
+def backend_class(name: str) -> type[MoEBackend]:
+    """The backend called ``name``; a MoefpgaError if its tools are not installed."""
     cls = BACKENDS[name]
     if issubclass(cls, AcceleratorBackend):
         cls.check_available()
-        if args is not None:
-            cls.check_args(args)
     return cls
 
 
-def make_backend(cls, checkpoint, spec, args) -> MoEBackend:
-    """Backend ``cls`` for ``checkpoint`` under ``spec``, with the options in ``args`` that it
-    takes (see :func:`accelerator_args`), or its defaults when ``args`` is None."""
-    from_args = getattr(cls, "from_args", None)
-    if from_args is None or args is None:
+def make_backend(cls, checkpoint, spec, options: BackendOptions | None = None) -> MoEBackend:
+    """Backend ``cls`` for ``checkpoint`` under ``spec``, with the accelerator ``options`` it
+    takes (checked by :func:`.backend_options.backend_options`), or its defaults when
+    ``options`` is None."""
+    from_options = getattr(cls, "from_options", None)
+    if from_options is None or options is None:
         return cls(checkpoint, spec)
-    return from_args(checkpoint, spec, args)
+    return from_options(checkpoint, spec, options)
 
 
 def parse_ids(text: str) -> np.ndarray:
@@ -524,20 +493,23 @@ def load_tokenizer(folder: Path):
 
 
 def _open_checkpoint(args):
-    """The backend class and the checkpoint, refusing a backend whose tools are missing or an
-    unsupported model before anything is read beyond ``config.json`` and the shard headers."""
-    cls = backend_class(args.backend, args)
+    """The backend class, its options and the checkpoint, refusing options the backend does
+    not take, a backend whose tools are missing or an unsupported model before anything is
+    read beyond ``config.json`` and the shard headers."""
+    options = backend_options(args, args.backend)
+    cls = backend_class(args.backend)
     checkpoint = Checkpoint.open(args.checkpoint)
     check_supported(checkpoint.config)
-    return cls, checkpoint
+    return cls, options, checkpoint
 
 
 @contextlib.contextmanager
-def _model(cls, checkpoint, args):
-    """The transformer around the MoE layers of backend ``cls``, and the backend, which is
-    closed (an accelerator session ended, a twin stopped) however the ``with`` block ends."""
+def _model(cls, options, checkpoint, args):
+    """The transformer around the MoE layers of backend ``cls`` (with ``options``), and the
+    backend, which is closed (an accelerator session ended, a twin stopped) however the
+    ``with`` block ends."""
     weights = load_weights(checkpoint)
-    backend = make_backend(cls, checkpoint, _spec_from_args(args), args)
+    backend = make_backend(cls, checkpoint, _spec_from_args(args), options)
     with contextlib.closing(backend):
         _progress(f"{len(backend.layers)} MoE layers ready on backend {args.backend}, "
                   f"{backend.describe()}")
@@ -547,9 +519,9 @@ def _model(cls, checkpoint, args):
 def cmd_logits(args):
     check_output(args.output)
     ids = load_ids(args.ids)
-    cls, checkpoint = _open_checkpoint(args)
+    cls, options, checkpoint = _open_checkpoint(args)
     check_ids(ids, checkpoint.config)
-    with _model(cls, checkpoint, args) as (model, backend):
+    with _model(cls, options, checkpoint, args) as (model, backend):
         logits = model.forward(ids)
         backend.finish()
     save_array(args.output, logits)
@@ -558,11 +530,11 @@ def cmd_logits(args):
 
 def cmd_generate(args):
     prompt = parse_ids(args.prompt_ids)
-    cls, checkpoint = _open_checkpoint(args)
+    cls, options, checkpoint = _open_checkpoint(args)
     check_ids(prompt, checkpoint.config, extra=args.max_new_tokens)
     stops = stop_ids(checkpoint.config)
     tokenizer = load_tokenizer(checkpoint.path)
-    with _model(cls, checkpoint, args) as (model, backend):
+    with _model(cls, options, checkpoint, args) as (model, backend):
         print("prompt ids " + " ".join(map(str, prompt)))
         print("new ids   ", end="", flush=True)
         new, times = [], [time.perf_counter()]
@@ -598,40 +570,6 @@ def _backend_args(p):
     p.add_argument("--sparsity", default="dense", help="dense or N:M, e.g. 2:4 (default dense)")
 
 
-def _positive_mhz(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of MHz, not {text!r}")
-    return value
-
-
-def accelerator_args(p):
-    """The options of the accelerator backends (the sim backend's as ``moefpga run``'s)."""
-    p.add_argument("--lanes", type=_positive_int, default=SimOptions.lanes, metavar="P",
-                   help="sim backend: engine lanes P (default %(default)s)")
-    p.add_argument("--max-tokens", type=_positive_int, default=SimOptions.max_tokens,
-                   metavar="T", help="sim backend: largest batch T_max (default %(default)s)")
-    p.add_argument("--slots", type=_positive_int, default=SimOptions.slots, metavar="S",
-                   help="sim backend: on-chip expert slots (default %(default)s)")
-    p.add_argument("--clock-mhz", type=_positive_mhz, default=SIM_CLOCK_MHZ, metavar="F",
-                   help="sim backend: the clock that turns simulated cycles into time "
-                        "(default %(default)g, the iCEBreaker board top's)")
-    p.add_argument("--port", help="serial backend: the board's serial port, e.g. /dev/ttyUSB1")
-    p.add_argument("--baud", type=_positive_int, default=BAUD, metavar="B",
-                   help="serial backend: the link's baud rate (default %(default)s)")
-    p.add_argument("--board", metavar="NAME|FILE",
-                   help="board-sim backend: the twin of this board (a name or board YAML) "
-                        "instead of one sized by --lanes, --max-tokens, --slots")
-    p.add_argument("--policy", choices=POLICIES, default="lru",
-                   help="board-sim and serial: the host's slot replacement policy")
-    p.add_argument("--predictor", choices=PREDICTORS, default="none",
-                   help="board-sim and serial: the next-layer predictor that prefetches "
-                        "(default none)")
-
-
 def add_commands(sub, checkpoint_arg):
     """Add ``logits`` and ``generate`` to the ``moefpga`` subcommands ``sub``;
     ``checkpoint_arg(parser)`` adds the ``--checkpoint`` option."""
@@ -641,7 +579,7 @@ def add_commands(sub, checkpoint_arg):
     p.add_argument("--output", required=True, metavar="LOGITS.npy",
                    help="float32 logits, tokens x vocab")
     _backend_args(p)
-    accelerator_args(p)
+    add_backend_options(p)
     p.set_defaults(func=cmd_logits)
 
     p = sub.add_parser("generate", help="greedy generation with a KV cache")
@@ -651,5 +589,5 @@ def add_commands(sub, checkpoint_arg):
     p.add_argument("--max-new-tokens", type=_positive_int, required=True, metavar="N",
                    help="tokens to generate (fewer if one is the config's eos_token_id)")
     _backend_args(p)
-    accelerator_args(p)
+    add_backend_options(p)
     p.set_defaults(func=cmd_generate)

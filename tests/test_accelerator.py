@@ -187,16 +187,30 @@ def test_requirements_name_groups_lanes_and_sparsity(checkpoint):
 @pytest.mark.parametrize(("args", "message"), [
     (["--backend", "serial"], "--backend serial needs --port (the board's serial port)"),
     (["--backend", "serial", "--port", "/dev/ttyNOPE", "--board", "icebreaker"],
-     "--board is for --backend board-sim (the twin of that board)"),
+     "--board is for --backend board-sim, not serial"),
     (["--backend", "board-sim", "--port", "/dev/ttyNOPE"],
-     "--port is for --backend serial; board-sim opens its own pseudo-terminal"),
+     "--port is for --backend serial, not board-sim"),
+    (["--backend", "model", "--port", "/dev/x", "--board", "nosuch"],
+     "--port is for --backend serial, not model"),
+    (["--backend", "model", "--baud", "115200"], "--baud is for --backend serial, not model"),
+    (["--backend", "serial", "--port", "/dev/ttyNOPE", "--slots", "2"],
+     "--slots is for --backend sim and board-sim, not serial"),
+    (["--backend", "board-sim", "--board", "icebreaker", "--max-tokens", "4"],
+     "--max-tokens does not apply with --board: the board's YAML fixes the hardware"),
+    (["--backend", "sim", "--policy", "lru"],
+     "--policy is for --backend board-sim and serial, not sim"),
+    (["--backend", "serial", "--port", "/dev/ttyNOPE", "--clock-mhz", "24"],
+     "unrecognized arguments: --clock-mhz 24 (see 'moefpga --help')"),
     (["--backend", "serial", "--port", "/dev/ttyNOPE"],
      "serial port /dev/ttyNOPE does not exist"),
     (["--backend", "serial", "--port", "/dev/ttyNOPE", "--predictor", "oracle"], None),
 ])
 def test_bad_options_are_one_error(checkpoint, tmp_path, args, message):
+    """Options a backend does not take (also given at their default value), a missing or
+    absent port: one error line before any work, nothing written."""
     code, out, err = _run(checkpoint, tmp_path, *args)
     assert code == 2 and out == "" and len(err.strip().splitlines()) <= 2
+    assert not (tmp_path / "y.npy").exists()
     last = err.strip().splitlines()[-1]
     assert last.startswith("moefpga: error: ")
     if message:

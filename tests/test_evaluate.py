@@ -102,6 +102,9 @@ def test_per_layer_table_is_the_default(model):
     (("--whole-model", "--tokens", "5000"), "exceeds the model's context of 4096"),
     (("--whole-model", "--backend", "gpu"), "argument --backend: invalid choice"),
     (("--whole-model", "--backend", "serial"), "--backend serial needs --port"),
+    (("--port", "/dev/x"), "--port is for --whole-model with --backend serial"),
+    (("--lanes", "4"), "--lanes is for --whole-model with --backend sim and board-sim"),
+    (("--whole-model", "--clock-mhz", "24"), "--clock-mhz is for --backend sim, not model"),
     (("--whole-model", "--setting", "int4/g48"), "group size must be one of"),
 ])
 def test_whole_model_refusals(model, ids_file, options, fragment):

@@ -191,9 +191,22 @@ def test_generate_model_backend_follows_the_argmax_of_full_passes(model):
     (("--backend", "board-sim", "--port", "/dev/ttyUSB1"), "--port is for --backend serial"),
     (("--backend", "serial", "--port", "/nonexistent/tty0"), "/nonexistent/tty0"),
     (("--backend", "serial", "--port", "x", "--policy", "fifo"), "argument --policy"),
+    (("--backend", "model", "--port", "/dev/x"), "--port is for --backend serial, not model"),
+    (("--backend", "model", "--clock-mhz", "5"), "--clock-mhz is for --backend sim, not model"),
+    (("--backend", "serial", "--port", "/dev/x", "--clock-mhz", "24"),
+     "--clock-mhz is for --backend sim, not serial"),
+    (("--backend", "board-sim", "--clock-mhz", "24"),
+     "--clock-mhz is for --backend sim, not board-sim"),
+    (("--backend", "serial", "--port", "/dev/x", "--lanes", "4"),
+     "--lanes is for --backend sim and board-sim, not serial"),
+    (("--backend", "board-sim", "--board", "icebreaker", "--slots", "2"),
+     "--slots does not apply with --board: the board's YAML fixes the hardware"),
+    (("--backend", "reference", "--predictor", "none"),
+     "--predictor is for --backend board-sim and serial, not reference"),
 ])
 def test_board_backend_refusals(model, options, fragment):
-    """Misused board options, and a port with no device: one line, exit status 2."""
+    """Misused accelerator options (also at their default value), and a port with no
+    device: one line, exit status 2."""
     assert_user_error(main("generate", "--checkpoint", model, "--prompt-ids", "1",
                            "--max-new-tokens", 1, *options), fragment)
 
