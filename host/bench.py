@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import struct
 import subprocess
 import time
 import warnings
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..hls_models import intmodel
 from ..hls_models.calibrate import QuantSpec, calibration_tokens, quantize_layer
 from ..hls_models.checkpoint import Checkpoint
 from ..hls_models.errors import MoefpgaError
@@ -138,35 +138,16 @@ class _Wire:
         self.to_device += count * frames * _ACK_BYTES
 
 
-def _router_payload(int_layer, layer):
-    """The ROUTER message of ``int_layer`` (docs/link.md): multipliers, normalize, layer, then
-    the int16 router weights (and the gate's row)."""
-    gate = int_layer.shared_gate_mult
-    head = struct.pack("<HbHbBH", int_layer.router_mult.mult, int_layer.router_mult.shift,
-                       gate.mult if gate else 0, gate.shift if gate else 0,
-                       int(int_layer.normalize), layer)
-    rows = [int_layer.router] + ([int_layer.shared_gate[None]]
-                                 if int_layer.shared_gate is not None else [])
-    return head + np.concatenate(rows).astype("<i2").tobytes()
-
-
-def _token_payload(x16, exp):
-    """RUN_TOKENS' token beats: value low, value high, exponent (docs/moe_layer.md)."""
-    beats = np.empty((*x16.shape, 3), np.uint8)
-    beats[..., :2] = np.asarray(x16, "<i2")[..., None].view(np.uint8)
-    beats[..., 2] = np.asarray(exp, np.int8).view(np.uint8)[:, None]
-    return beats.tobytes()
-
-
 def link_traffic(int_layer, layer, x16, exp, outputs, t_max, loads, record_wire):
     """:class:`_Wire` of one run of ``layer``: its ROUTER message once, a RUN_TOKENS message
     and a RESULTS message (flags byte and int32 outputs) per batch of at most ``t_max``
     tokens, and per load a REQUEST and a LOAD_EXPERT of ``record_wire`` bytes on the wire."""
+    from .accelerator import router_message, token_message  # needs the simulation extras
     wire = _Wire()
-    wire.send(Type.ROUTER, _router_payload(int_layer, layer))
+    wire.send(Type.ROUTER, router_message(int_layer, layer))
     for start in range(0, len(x16), t_max):
         batch = slice(start, start + t_max)
-        wire.send(Type.RUN_TOKENS, _token_payload(x16[batch], exp[batch]))
+        wire.send(Type.RUN_TOKENS, token_message(x16[batch], exp[batch]))
         wire.receive(Type.RESULTS, b"\0" + np.asarray(outputs[batch], "<i4").tobytes())
     wire.receive(Type.REQUEST, bytes(4), count=loads)
     wire.to_device += loads * record_wire
@@ -208,12 +189,16 @@ _COUNTERS = ("cycles", "compute", "stall", "loads", "hits", "evictions", "multip
 
 def _run(sim, executable, hw, int_layer, layer, x16, exp, speed):
     """One ``run_layer`` on empty slots; its counters (:data:`_COUNTERS`), tokens, batches and
-    outputs."""
+    outputs. A run whose outputs differ from ``intmodel.moe_layer`` is an error: nothing is
+    measured on a design that computes wrong answers."""
     result = sim.run_layer(executable, hw, int_layer, layer, x16, exp, speed)
     speed.close_run()
     for name in ("rejected", "malformed", "timeouts"):
         if result.counters.get(name):
             raise MoefpgaError(f"the simulated layer counted {result.counters[name]} {name}")
+    if not np.array_equal(result.outputs, intmodel.moe_layer(x16, exp, int_layer)):
+        raise MoefpgaError(f"the simulated layer {layer}'s outputs differ from the integer "
+                           "model's: the design is broken, nothing measured")
     out = {name: result.counters[name] for name in _COUNTERS}
     return dict(out, tokens=len(x16), batches=result.batches), result.outputs
 
@@ -562,8 +547,9 @@ def measure_config(sim, checkpoint, config, inputs, decode_tokens, progress):
 
 
 def run_bench(checkpoint, configs, *, prefill_tokens, decode_tokens, cache_tokens,
-              amaranth_cycles, progress=_progress):
+              amaranth_cycles, progress=_progress, save=None):
     """Measure ``configs`` on ``checkpoint``; the results as ``results.json`` holds them.
+    ``save(results)``, when given, is called with the results so far after each configuration.
 
     Raises
     ------
@@ -598,6 +584,8 @@ def run_bench(checkpoint, configs, *, prefill_tokens, decode_tokens, cache_token
         entry["cache"] = cache_rows(checkpoint, config.spec, config.options.slots, cache_tokens,
                                     _record_sizes(entry["layers"]), progress, traces)
         results["configs"].append(entry)
+        if save:
+            save(results)
     results["tools"] = measure_tools(checkpoint, first, inputs, amaranth_cycles, progress)
     return results
 
@@ -794,21 +782,39 @@ def select_configs(names):
     return [known[n] for n in names]
 
 
+def _write_json(path, results):
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(results, indent=1) + "\n")
+    staging.replace(path)
+
+
 def cmd_bench(args):
     configs = select_configs(args.configs)
+    path = (Path(args.checkpoint) if args.checkpoint
+            else ensure_default_model(Path(args.workdir) / "model"))
+    checkpoint = Checkpoint.open(path)
     output = Path(args.output)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MoefpgaError(f"cannot create the output folder {output}: {exc.strerror}") from None
-    path = (Path(args.checkpoint) if args.checkpoint
-            else ensure_default_model(Path(args.workdir) / "model"))
-    checkpoint = Checkpoint.open(path)
     sizes = dict(QUICK if args.quick else FULL)
     start = time.monotonic()
-    results = run_bench(checkpoint, configs, **sizes)
+    # The configurations measured so far go to a file of their own: a run that fails later
+    # keeps them, and the results.json of an earlier run stays whole.
+    partial = output / "results.partial.json"
+    partial.unlink(missing_ok=True)
+    try:
+        results = run_bench(checkpoint, configs, save=lambda r: _write_json(partial, r),
+                            **sizes)
+    except MoefpgaError as exc:
+        if partial.exists():
+            raise MoefpgaError(f"{exc} (the configurations measured before it are in "
+                               f"{partial})") from None
+        raise
     results["settings"].update(quick=args.quick, seconds=round(time.monotonic() - start, 1))
-    (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    _write_json(output / "results.json", results)
+    partial.unlink(missing_ok=True)
     paths = write_plots(results, output)
     print(format_table(results))
     print(f"\nwrote {output / 'results.json'}, " + ", ".join(str(p) for p in paths))

@@ -2,14 +2,11 @@
 from the model's shapes and the board file, not taken from the bench, and the plots written.
 
 One configuration (the iCEBreaker's: 4 lanes of 2:4 int4, T_max 4, two slots) so the run takes
-one Verilator build of a small top (about 1-2 minutes cold). The build goes into a fresh cache
-folder under build/, or into ``MOEFPGA_TEST_SIM_CACHE`` when set, as in sim_tests/."""
+one Verilator build of a small top (about 1-2 minutes cold), in the test session's build cache
+(conftest.py)."""
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,22 +27,18 @@ PREFILL, DECODE = 8, 1      # what --quick runs
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def model(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("bench") / "model", "qwen2_moe",
+                            num_layers=LAYERS, hidden_size=D, num_experts=EXPERTS, top_k=TOP_K,
+                            expert_ffn_size=F, shared_expert_ffn_size=F, vocab_size=64)
+
+
+@pytest.fixture(scope="module")
+def bench(model, tmp_path_factory):
     """``(results, folder, stdout)`` of one quick bench run on the tiny model."""
-    keep = os.environ.get("MOEFPGA_TEST_SIM_CACHE")
-    (REPO / "build").mkdir(exist_ok=True)
-    cache = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="test-bench-cache-",
-                                                          dir=REPO / "build"))
-    folder = tmp_path_factory.mktemp("bench")
-    model = write_checkpoint(folder / "model", "qwen2_moe", num_layers=LAYERS, hidden_size=D,
-                             num_experts=EXPERTS, top_k=TOP_K, expert_ffn_size=F,
-                             shared_expert_ffn_size=F, vocab_size=64)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MOEFPGA_CACHE", str(cache))
-        code, out, err = main("bench", "--checkpoint", model, "--quick", "--configs",
-                              "icebreaker", "--output", folder / "out")
-    if not keep:
-        shutil.rmtree(cache, ignore_errors=True)
+    folder = tmp_path_factory.mktemp("bench-out")
+    code, out, err = main("bench", "--checkpoint", model, "--quick", "--configs",
+                          "icebreaker", "--output", folder / "out")
     assert code == 0, err
     return json.loads((folder / "out" / "results.json").read_text()), folder, out
 
@@ -88,16 +81,16 @@ def test_utilization_and_per_token_figures(bench):
             assert e[phase]["compute"] > 0
 
 
-def test_decode_on_empty_slots_loads_every_expert(bench):
+def test_decode_on_empty_slots_loads_every_expert(bench, model):
     """A single token on empty slots loads its k experts and the shared expert, hits nothing,
     and streams that many records of the size host.pack gives this hardware."""
     from moefpga.boards.config import load_board
     from moefpga.host.pack import pack_layer
     from moefpga.rtl.expert_ffn_params import ExpertFfnParams
 
-    results, folder, _ = bench
+    results, _, _ = bench
     config = _config(results)
-    checkpoint = Checkpoint.open(folder / "model")
+    checkpoint = Checkpoint.open(model)
     spec = QuantSpec(bits=BOARD["weight_bits"], group_size=BOARD["group_size"],
                      sparsity=Sparsity(m=BOARD["m"], n=BOARD["n"]))
     weights = checkpoint.moe_layer(0)
@@ -169,3 +162,26 @@ def test_unknown_configuration_is_one_error_line():
     assert err.strip().splitlines() == [
         "moefpga: error: unknown configuration 'nosuch'; choose from dense, 2:4, 1:4, "
         "dense-1slot, icebreaker, ulx3s-85f"]
+
+
+def test_outputs_that_differ_from_the_integer_model_stop_the_bench(bench, model, tmp_path,
+                                                                    monkeypatch):
+    """A design whose outputs are not the integer model's is not measured: one error line,
+    status 2, no results.json (the top is the bench fixture's, already built)."""
+    from moefpga.host import bench as bench_module
+    reference = bench_module.intmodel.moe_layer
+    monkeypatch.setattr(bench_module.intmodel, "moe_layer",
+                        lambda *args, **kw: reference(*args, **kw) + 1)
+    code, out, err = main("bench", "--checkpoint", model, "--quick", "--configs",
+                          "icebreaker", "--output", tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("moefpga: error: the simulated layer ")
+    assert "differ from the integer model" in lines[-1]
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_missing_checkpoint_leaves_no_output_folder(tmp_path):
+    code, _, err = main("bench", "--checkpoint", tmp_path / "nowhere", "--output",
+                        tmp_path / "out")
+    assert code == 2 and "nowhere" in err
+    assert not (tmp_path / "out").exists()
