@@ -25,7 +25,7 @@ from ..rtl.expert_ffn_params import ExpertFfnParams
 from ..rtl.expert_stream import SHARED_EXPERT, VERSION
 from ..rtl.moe_layer import COUNTER_BITS, MoeLayer
 from .expert_cache import ExpertCache, make_policy
-from .link import LINK_VERSION, Identity, Link, Type
+from .link import LINK_VERSION, MAX_PAYLOAD, Identity, Link, Type
 from .pack import pack_layer
 from .predictor import PredictionScore, make_predictor, rank_batch
 
@@ -136,8 +136,8 @@ def requirements(identity: Identity, int_layers: Mapping[int, IntLayer],
                  num_layers: int) -> list[str]:
     """Every way the device of ``identity`` does not fit the layers, as ``"field: device X,
     needed Y"``: the fields that must be equal through :meth:`Identity.mismatches`, then
-    those with a bound (FFN size, weight width, layers, groups, lanes) and the N:M pattern
-    (``sparsity``, as ``2:4`` or ``dense``)."""
+    those with a bound (FFN size, weight width, layers, groups, lanes, the frame payload the
+    host can send) and the N:M pattern (``sparsity``, as ``2:4`` or ``dense``)."""
     first = next(iter(int_layers.values()))
     experts = [e for layer in int_layers.values() for e in (*layer.experts, layer.shared) if e]
     matrices = [m for e in experts for m in (e.gate, e.up, e.down)]
@@ -156,7 +156,8 @@ def requirements(identity: Identity, int_layers: Mapping[int, IntLayer],
                                  for m in matrices),
                f"a divisor of {sorted({m.group_size for m in matrices})}"),
               ("lanes", all(size % max(identity.lanes, 1) == 0 for size in sizes),
-               f"a divisor of {sizes}")]
+               f"a divisor of {sizes}"),
+              ("max_payload", 1 <= identity.max_payload <= MAX_PAYLOAD, f"1 to {MAX_PAYLOAD}")]
     if sparsity.is_dense:
         bounds.append(("sparsity", identity.m == identity.n, "dense"))
     else:
@@ -173,7 +174,8 @@ class Accelerator:
     :class:`IntLayer`) of a model of ``num_layers`` decoder layers.
 
     The constructor says HELLO and raises :class:`MoefpgaError` ("the device does not fit this
-    model: lanes: device 4, needed 8; ...") unless the device fits every layer. ``policy``
+    model: lanes: device 4, needed 8; ...") unless the device fits every layer; from then on
+    the link's frames carry at most the device's ``max_payload`` bytes. ``policy``
     (``lru``/``lfu``) and ``predictor`` (``gate``/``history``/``none``) drive prefetching: after
     the last batch of a layer, the records of the next layer in ``int_layers`` that the
     predictor guesses for these tokens (and its shared expert) are sent as PREFETCH EXPERT,
@@ -202,6 +204,7 @@ class Accelerator:
         if problems:
             raise MoefpgaError("the device does not fit this model: " + "; ".join(problems))
         i = self.identity
+        link.max_payload = i.max_payload
         try:
             self.params = ExpertFfnParams(
                 lanes=i.lanes, m=i.m, n=i.n, weight_bits=i.weight_bits, group_size=i.group_size,

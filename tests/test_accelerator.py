@@ -28,8 +28,17 @@ from moefpga.host.accelerator import (
 )
 from moefpga.host.board_sim import BoardSim
 from moefpga.host.cli import default_calibration
-from moefpga.host.link import LINK_VERSION, MAX_PAYLOAD, Identity, Link, Type
+from moefpga.host.link import (
+    LINK_VERSION,
+    MAX_PAYLOAD,
+    FrameError,
+    Identity,
+    Link,
+    Type,
+    decode_frame,
+)
 from moefpga.rtl.expert_stream import VERSION
+from moefpga.rtl.moe_layer import COUNTER_BITS
 
 
 def read_master(fd, limit, timeout):
@@ -101,14 +110,21 @@ OTHER = Identity(link_version=LINK_VERSION, record_version=VERSION, lanes=4, m=4
                  weight_bits=4, group_size=32, hidden=128, ffn=256, experts=8, top_k=2, shared=2,
                  slots=2, layers=1, max_tokens=4, clock_hz=24_000_000, max_payload=MAX_PAYLOAD,
                  fmax_khz=27_456)
+#: One the test layer fits (int4 2:4, one scale per channel of 32).
+FITS = dataclasses.replace(OTHER, hidden=32, experts=4, layers=2)
 #: One it fits, but whose parameters no hardware has (a batch of no tokens).
-IMPOSSIBLE = dataclasses.replace(OTHER, hidden=32, experts=4, layers=2, max_tokens=0)
+IMPOSSIBLE = dataclasses.replace(FITS, max_tokens=0)
 
 
 @pytest.mark.parametrize(("identity", "message"), [
     (OTHER, "the device does not fit this model: hidden: device 128, needed 32; experts: "
             "device 8, needed 4; layers: device 1, needed at least 2"),
     (IMPOSSIBLE, "the device's IDENTIFY describes hardware that cannot be built"),
+    (dataclasses.replace(FITS, max_payload=0),
+     f"the device does not fit this model: max_payload: device 0, needed 1 to {MAX_PAYLOAD}"),
+    (dataclasses.replace(FITS, max_payload=MAX_PAYLOAD + 1),
+     f"the device does not fit this model: max_payload: device {MAX_PAYLOAD + 1}, needed 1 "
+     f"to {MAX_PAYLOAD}"),
 ])
 def test_device_for_other_hardware_is_refused(checkpoint, tmp_path, pty, identity, message):
     """A device whose IDENTIFY does not fit the layer, or describes impossible hardware: one
@@ -131,6 +147,69 @@ def test_device_for_other_hardware_is_refused(checkpoint, tmp_path, pty, identit
     assert code == 2 and out == ""
     assert err.splitlines()[-1].startswith(f"moefpga: error: {message}")
     assert "Traceback" not in err and not (tmp_path / "y.npy").exists()
+
+
+class SmallFrames(MasterTransport):
+    """The device's end of a link whose frames carry at most ``limit`` bytes: a frame with a
+    longer payload is lost (never acknowledged), as a device with that ``max_payload`` loses
+    it. ``largest`` is the longest payload the host sent."""
+
+    def __init__(self, fd, limit):
+        super().__init__(fd)
+        self.limit, self.largest, self._partial = limit, 0, b""
+
+    def read(self, limit, timeout):
+        *frames, self._partial = (self._partial + super().read(limit, timeout)).split(b"\0")
+        kept = []
+        for raw in frames:
+            try:
+                length = len(decode_frame(raw).payload) if raw else 0
+            except FrameError:
+                length = 0
+            self.largest = max(self.largest, length)
+            kept.append(raw if length <= self.limit else b"")
+        return b"\0".join([*kept, b""]) if frames else b""
+
+
+def test_frames_follow_the_devices_max_payload(checkpoint, pty):
+    """A device whose IDENTIFY says max_payload 64: the host cuts every message (a ROUTER of
+    332 bytes here) into frames of at most 64 bytes, and the session runs."""
+    master, path = pty
+    ck = Checkpoint.open(checkpoint[0])
+    spec = QuantSpec(bits=4, sparsity=parse_sparsity("2:4"))
+    layers = {0: quantize_layer(ck.moe_layer(0), spec, default_calibration(ck, 0))}
+    identity = dataclasses.replace(FITS, max_payload=64)
+    transport = SmallFrames(master, 64)
+    received = {}
+    counters = bytes(10 * COUNTER_BITS // 8)  # the ten counters of docs/moe_layer.md
+
+    def device(stop):
+        link = Link(transport, timeout=0.2)
+        answers = {Type.HELLO: lambda p: (Type.IDENTIFY, identity.to_bytes()),
+                   Type.READ_COUNTERS: lambda p: (Type.COUNTERS, counters),
+                   Type.RUN_TOKENS: lambda p: (Type.RESULTS, bytes(1 + 4 * (len(p) // 3)))}
+        while not stop.is_set():
+            try:
+                message = link.receive(0.05)
+                received[message.type] = message.payload
+                if message.type in answers:
+                    link.send(*answers[message.type](message.payload))
+            except MoefpgaError:
+                pass
+
+    stop, thread = serve(device)
+    x = calibration_tokens(32, count=3, seed=2)
+    xq = np.round(x * 64).astype(np.int16)
+    try:
+        with open_accelerator("serial", layers, num_layers=2, port=path,
+                              link_timeout=0.2) as accelerator:
+            y = accelerator.run_layer(0, xq, np.zeros(3, np.int8))
+    finally:
+        stop.set()
+        thread.join(5)
+    assert y.shape == (3, 32)
+    assert received[Type.ROUTER] == router_message(layers[0], 0)
+    assert len(received[Type.ROUTER]) > 64 and transport.largest == 64
 
 
 def test_garbage_peer_is_one_error(checkpoint, tmp_path, pty):
