@@ -44,11 +44,13 @@ class AcceleratorStats:
 
     ``cycles``, ``compute``, ``stall``, ``loads``, ``hits``, ``evictions`` are the device's
     counters (docs/moe_layer.md). ``requests`` are the REQUESTs answered, ``prefetches`` the
-    PREFETCH EXPERT records sent, ``bytes_streamed`` the bytes of both. ``predicted`` counts the
-    predictor's guesses (per token), ``picks`` the next-layer picks scored against them and
-    ``predicted_correct`` those that were guessed: prediction accuracy is ``predicted_correct /
-    picks``. ``mirror_differences`` counts batches whose REQUESTs differed from the loads the
-    host's mirror expected. ``resent`` and ``bad_frames`` are the host link's retransmissions
+    PREFETCH EXPERT records sent, ``bytes_streamed`` the bytes of both. ``predicted`` is the
+    total number of the predictor's expert guesses: ``top_k`` per token of each call whose
+    layer has a next layer in the session (none with the ``none`` predictor). ``picks`` are
+    the next-layer picks scored against the guesses and ``predicted_correct`` those that were
+    guessed: prediction accuracy is ``predicted_correct / picks``.
+    ``mirror_differences`` counts batches whose REQUESTs differed from the loads the host's
+    mirror expected. ``resent`` and ``bad_frames`` are the host link's retransmissions
     and broken frames received.
     """
     tokens: int = 0
