@@ -222,7 +222,7 @@ class ExpertFFN(wiring.Component):
     """
 
     #: Cycles of an expert command beyond its loads and the engine's beats (docs/ffn.md).
-    OVERHEAD = 21
+    OVERHEAD = 27
 
     def __init__(self, **kwargs):
         self.params = p = ExpertFfnParams(**kwargs)
@@ -260,8 +260,11 @@ class ExpertFFN(wiring.Component):
         wiring.connect(m, wiring.flipped(self.w), engine.w)
         m.d.comb += self.issue.eq(engine.issue)
         wiring.connect(m, combiner.o, wiring.flipped(self.o))
-        rq1 = [Requantizer(p.acc_bits, OUT_BITS, SHIFT_BITS + 1) for _ in range(P)]
-        rq2 = [Requantizer(ACT_BITS + UP_BITS, ACT_BITS, SHIFT_BITS) for _ in range(P)]
+        rq1 = [Requantizer(p.acc_bits, OUT_BITS, SHIFT_BITS + 1, pipelined=True)
+               for _ in range(P)]
+        rq2 = [Requantizer(ACT_BITS + UP_BITS, ACT_BITS, SHIFT_BITS, pipelined=True)
+               for _ in range(P)]
+        L = rq1[0].latency          # stages: results at 0, requantized at L, h at 2 L + 1
         for lane in range(P):
             m.submodules[f"rq_acc{lane}"] = rq1[lane]
             m.submodules[f"rq_hidden{lane}"] = rq2[lane]
@@ -330,7 +333,7 @@ class ExpertFFN(wiring.Component):
                 with m.If(down_phase | half):
                     m.d.sync += block.eq(block + 1)
 
-        tags = [Signal(tag_layout, name=f"tag{stage}") for stage in range(6)]
+        tags = [Signal(tag_layout, name=f"tag{stage}") for stage in range(2 * L + 2)]
         m.d.comb += [
             tags[0].gate.eq(fire & ~down_phase & ~half),
             tags[0].up.eq(fire & ~down_phase & half),
@@ -342,6 +345,7 @@ class ExpertFFN(wiring.Component):
             tags[0].weight.eq(meta_r.data.weight),
         ]
         m.d.sync += [later.eq(earlier) for earlier, later in zip(tags, tags[1:], strict=False)]
+        rq_tag, silu_tag, h_tag = tags[L], tags[L + 1], tags[2 * L + 1]
 
         # Stage 0: accumulators into the requantizers, with the token's exponent.
         exp = meta_r.data.exp
@@ -357,14 +361,14 @@ class ExpertFFN(wiring.Component):
                 rq1[lane].i.payload.shift.eq(shift),
             ]
 
-        # Stage 2: g indexes the SiLU table, u reads the block's SiLU outputs; y is combined.
+        # Stage L: g indexes the SiLU table, u reads the block's SiLU outputs; y is combined.
         u = Signal(data.ArrayLayout(signed(UP_BITS), P))
         m.d.comb += [
-            sbuf_r.addr.eq(tags[2].token),
-            combiner.y.valid.eq(tags[2].down),
-            combiner.y.payload.slot.eq(tags[2].slot),
-            combiner.y.payload.block.eq(tags[2].block),
-            combiner.y.payload.weight.eq(tags[2].weight),
+            sbuf_r.addr.eq(rq_tag.token),
+            combiner.y.valid.eq(rq_tag.down),
+            combiner.y.payload.slot.eq(rq_tag.slot),
+            combiner.y.payload.block.eq(rq_tag.block),
+            combiner.y.payload.weight.eq(rq_tag.weight),
         ]
         for lane in range(P):
             g = saturated(rq1[lane].o.payload, ACT_BITS)
@@ -374,28 +378,28 @@ class ExpertFFN(wiring.Component):
             ]
             m.d.sync += u[lane].eq(saturated(rq1[lane].o.payload, UP_BITS))
 
-        # Stage 3: keep a gate block's SiLU outputs; the up block's products to requantize.
+        # Stage L + 1: keep a gate block's SiLU outputs; the up block's products to requantize.
         m.d.comb += [
-            sbuf_w.en.eq(tags[3].gate),
-            sbuf_w.addr.eq(tags[3].token),
+            sbuf_w.en.eq(silu_tag.gate),
+            sbuf_w.addr.eq(silu_tag.token),
         ]
         for lane in range(P):
             m.d.comb += [
                 sbuf_w.data[lane].eq(silu_r[lane].data),
-                rq2[lane].i.valid.eq(tags[3].up),
+                rq2[lane].i.valid.eq(silu_tag.up),
                 rq2[lane].i.payload.value.eq(sbuf_r.data[lane] * u[lane]),
                 rq2[lane].i.payload.mult.eq(cmd.hidden_mult.mult),
                 rq2[lane].i.payload.shift.eq(cmd.hidden_mult.shift),
             ]
 
-        # Stage 5: h into the hidden buffer, token by token, `W` columns a word.
+        # Stage 2 L + 1: h into the hidden buffer, token by token, `W` columns a word.
         ratio = W // P
-        offset = tags[5].block & (ratio - 1)
-        m.d.comb += hbuf_w.addr.eq(tags[5].token * h_words + tags[5].block // ratio)
+        offset = h_tag.block & (ratio - 1)
+        m.d.comb += hbuf_w.addr.eq(h_tag.token * h_words + h_tag.block // ratio)
         for column in range(W):
             m.d.comb += [
                 hbuf_w.data[column].eq(rq2[column % P].o.payload),
-                hbuf_w.en[column].eq(tags[5].up & (offset == column // P)),
+                hbuf_w.en[column].eq(h_tag.up & (offset == column // P)),
             ]
 
         # The hidden buffer as the engine's activations: `m` columns a beat, token by token.
@@ -474,7 +478,7 @@ class ExpertFFN(wiring.Component):
                     start_run(down=0)
                     m.next = "GATE_UP_WAIT"
             with m.State("GATE_UP_WAIT"):
-                with m.If(tags[5].up & tags[5].last):
+                with m.If(h_tag.up & h_tag.last):
                     m.d.sync += [h_token.eq(0), h_word.eq(0), h_sub.eq(0), h_issued.eq(0),
                                  sent.eq(0)]
                     m.next = "HIDDEN_LOAD"
@@ -489,6 +493,6 @@ class ExpertFFN(wiring.Component):
                     start_run(down=1)
                     m.next = "DOWN_WAIT"
             with m.State("DOWN_WAIT"):
-                with m.If(tags[2].down & tags[2].last):
+                with m.If(rq_tag.down & rq_tag.last):
                     m.next = "IDLE"
         return m

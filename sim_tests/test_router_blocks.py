@@ -1,14 +1,15 @@
 """Amaranth-simulator tests of the router's blocks against the integer model, bit for bit:
-the requantizer, the restoring divider, the exp unit and the top-k insertion."""
+the requantizer and its saturation, the restoring divider, the exp unit and the top-k insertion."""
 
 import numpy as np
 import pytest
+from amaranth import Module, Signal, signed
 from amaranth.sim import Simulator
 
 from moefpga.hls_models.fixedpoint import requantize
 from moefpga.hls_models.intmodel import LOGIT_BITS, exp_neg
 from moefpga.rtl.divider import Divider
-from moefpga.rtl.requant import Requantizer
+from moefpga.rtl.requant import Requantizer, saturated
 from moefpga.rtl.router import ExpUnit, TopK
 
 
@@ -70,6 +71,26 @@ def test_requantizer(value_bits, pipelined):
     mismatches = [(case, g, e) for case, g, e in zip(cases, got, expected, strict=True) if g != e]
     assert not mismatches, mismatches[:5]
 
+
+@pytest.mark.parametrize(("width", "bits"), [(8, 4), (6, 5), (9, 2), (4, 6)])
+def test_saturated(width, bits):
+    """``saturated`` equals a clamp on every signed ``width``-bit value."""
+    value, out = Signal(signed(width)), Signal(signed(bits))
+    m = Module()
+    m.d.comb += out.eq(saturated(value, bits))
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    wrong = []
+
+    async def bench(ctx):
+        for v in range(-(1 << (width - 1)), 1 << (width - 1)):
+            ctx.set(value, v)
+            if ctx.get(out) != max(lo, min(hi, v)):
+                wrong.append((v, ctx.get(out)))
+
+    sim = Simulator(m)               # combinational: no clock
+    sim.add_testbench(bench)
+    sim.run()
+    assert not wrong, wrong[:5]
 
 @pytest.mark.parametrize(("pipelined", "cycles"), [(False, 2), (True, 4)])
 def test_requantizer_latency(pipelined, cycles):
