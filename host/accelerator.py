@@ -30,7 +30,7 @@ from .pack import pack_layer
 from .predictor import PredictionScore, make_predictor, rank_batch
 
 __all__ = ["AcceleratorStats", "Accelerator", "BACKENDS", "open_accelerator",
-           "router_message", "token_message", "requirements"]
+           "router_message", "token_message", "requirements", "check_fits"]
 
 #: The backends :func:`open_accelerator` opens.
 BACKENDS = ("board-sim", "serial")
@@ -171,6 +171,15 @@ def requirements(identity: Identity, int_layers: Mapping[int, IntLayer],
     return problems
 
 
+def check_fits(identity: Identity, int_layers: Mapping[int, IntLayer], num_layers: int,
+               device: str = "the device") -> None:
+    """Raise :class:`MoefpgaError` ``"<device> does not fit this model: ..."``, naming every
+    mismatch of :func:`requirements`, unless the hardware of ``identity`` fits the layers."""
+    problems = requirements(identity, int_layers, num_layers)
+    if problems:
+        raise MoefpgaError(f"{device} does not fit this model: " + "; ".join(problems))
+
+
 class Accelerator:
     """A session with the device on ``link`` for the MoE layers ``int_layers`` (layer index to
     :class:`IntLayer`) of a model of ``num_layers`` decoder layers.
@@ -202,9 +211,7 @@ class Accelerator:
                                 for i, layer in self.int_layers.items()},
             num_experts=first.num_experts, k=first.top_k)
         self.identity = link.hello()
-        problems = requirements(self.identity, self.int_layers, num_layers)
-        if problems:
-            raise MoefpgaError("the device does not fit this model: " + "; ".join(problems))
+        check_fits(self.identity, self.int_layers, num_layers)
         i = self.identity
         link.max_payload = i.max_payload
         try:
@@ -389,6 +396,9 @@ def open_accelerator(backend: str, int_layers: Mapping[int, IntLayer], *, num_la
     Verilator twin (:mod:`.board_sim`): of ``board`` (a board name or YAML file) when given,
     else sized for ``int_layers`` with ``options`` (:class:`~.sim_options.SimOptions`); then
     it opens the twin's pseudo-terminal with the same :class:`~.transport.SerialTransport`.
+    A board's twin that does not fit the layers is refused before it is built. A
+    :class:`MoefpgaError` while the twin runs (a link that stops answering, a port that fails)
+    ends with the twin's own ``error: ...`` line when it printed one.
     ``link_timeout`` is the link's ACK timeout (default 0.5 s on a serial port, 5 s on the
     twin, whose UART runs at the simulation's speed); ``wrap``, if given, wraps the transport
     (fault injection in tests).
@@ -398,29 +408,44 @@ def open_accelerator(backend: str, int_layers: Mapping[int, IntLayer], *, num_la
     if backend not in BACKENDS:
         raise MoefpgaError(f"unknown accelerator backend {backend!r}; choose from "
                            f"{', '.join(BACKENDS)}")
-    with contextlib.ExitStack() as stack:
-        if backend == "serial":
-            if not port:
-                raise MoefpgaError("the serial backend needs --port (e.g. /dev/ttyUSB1)")
-            timeout = link_timeout or 0.5
-        else:
-            from . import board_sim
+    twin = None
+    try:
+        with contextlib.ExitStack() as stack:
+            if backend == "serial":
+                if not port:
+                    raise MoefpgaError("the serial backend needs --port (e.g. /dev/ttyUSB1)")
+                timeout = link_timeout or 0.5
+            else:
+                from . import board_sim
 
-            if port:
-                raise MoefpgaError("--port is for the serial backend; board-sim starts its own "
-                                   "pseudo-terminal")
-            top = (board_sim.twin_for_board(board) if board else
-                   board_sim.twin_for_layers(int_layers, num_layers=num_layers, options=options))
-            twin = stack.enter_context(board_sim.BoardSim(board_sim.build(top, progress)))
-            port, timeout = twin.port, link_timeout or 5.0
-        transport = SerialTransport(port, baud)
-        stack.callback(transport.close)
-        link = Link(wrap(transport) if wrap else transport, timeout=timeout)
-        try:
-            accelerator = Accelerator(link, int_layers, num_layers=num_layers, policy=policy,
-                                      predictor=predictor, progress=progress)
-        except MoefpgaError as error:
-            if backend == "serial" and str(error).startswith("link:"):
-                raise MoefpgaError(f"no moefpga device answers on {port}: {error}") from None
+                if port:
+                    raise MoefpgaError("--port is for the serial backend; board-sim starts its "
+                                       "own pseudo-terminal")
+                if board:
+                    top = board_sim.twin_for_board(board)
+                    if int_layers:        # else the Accelerator refuses an empty session
+                        check_fits(top.identity, int_layers, num_layers,
+                                   f"the twin of board {board}")
+                else:
+                    top = board_sim.twin_for_layers(int_layers, num_layers=num_layers,
+                                                    options=options)
+                twin = stack.enter_context(board_sim.BoardSim(board_sim.build(top, progress)))
+                port, timeout = twin.port, link_timeout or 5.0
+            transport = SerialTransport(port, baud)
+            stack.callback(transport.close)
+            link = Link(wrap(transport) if wrap else transport, timeout=timeout)
+            try:
+                accelerator = Accelerator(link, int_layers, num_layers=num_layers,
+                                          policy=policy, predictor=predictor,
+                                          progress=progress)
+            except MoefpgaError as error:
+                if backend == "serial" and str(error).startswith("link:"):
+                    raise MoefpgaError(f"no moefpga device answers on {port}: {error}") \
+                        from None
+                raise
+            yield accelerator
+    except MoefpgaError as error:
+        # The twin is stopped by now, so its standard error has been read to the end.
+        if twin is None or twin.error is None:
             raise
-        yield accelerator
+        raise MoefpgaError(f"{error} (the board twin: {twin.error})") from None

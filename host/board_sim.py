@@ -13,9 +13,12 @@ sizes its top (:func:`.sim.hardware_for`); :func:`build` makes the executable (c
 :class:`BoardSim` runs it and gives the pseudo-terminal's path.
 """
 
+import gc
 import signal
 import subprocess
 import threading
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,8 +30,8 @@ from ..rtl.expert_ffn_params import ExpertFfnParams
 from .sim_build import build_executable
 from .sim_options import SimOptions
 
-__all__ = ["TOP", "TWIN_DIVISOR", "TWIN_ACK_TIMEOUT", "START_TIMEOUT", "twin_for_board",
-           "twin_for_layers", "build", "BoardSim"]
+__all__ = ["TOP", "TWIN_DIVISOR", "TWIN_ACK_TIMEOUT", "START_TIMEOUT", "TwinSizes",
+           "twin_sizes", "twin_for_board", "twin_for_layers", "build", "BoardSim"]
 
 #: Verilog module name of the board top (the driver includes ``V<TOP>.h``).
 TOP = "board_top"
@@ -84,32 +87,68 @@ def _shapes_of(int_layer):
                            shared_gate=int_layer.shared_gate, top_k=int_layer.top_k)
 
 
+@dataclass(frozen=True)
+class TwinSizes:
+    """The parameters of the MoE layer top :func:`.sim.hardware_for` sizes, which a twin's
+    :class:`BoardTop` takes."""
+    params:      ExpertFfnParams
+    hidden:      int
+    experts:     int
+    top_k:       int
+    slots:       int
+    shared:      bool
+    shared_gate: bool
+    layers:      int
+    macs:        int
+
+
+def twin_sizes(weights, spec, *, num_layers, options=None) -> TwinSizes:
+    """The sizes :func:`.sim.hardware_for` gives the top for ``weights`` (a checkpoint layer,
+    or anything with its shapes) quantized by ``spec``, refusing as it does (a
+    :class:`MoefpgaError`) shapes it cannot take.
+
+    ``hardware_for`` builds a :class:`~moefpga.rtl.moe_layer.MoeLayer`; only its sizes are
+    read and it is collected here, within a filter that ignores amaranth's "created but never
+    used" warning, so the warning is silenced for this call only.
+    """
+    from amaranth.hdl import UnusedElaboratable
+
+    from .sim import hardware_for
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnusedElaboratable)
+        hw = hardware_for(weights, spec, num_layers=num_layers, options=options or SimOptions())
+        sizes = TwinSizes(params=hw.params, hidden=hw.hidden, experts=hw.experts,
+                          top_k=hw.top_k, slots=hw.slots, shared=hw.shared,
+                          shared_gate=hw.shared_gate, layers=hw.layers, macs=hw.macs)
+        del hw
+        gc.collect()                   # it is in reference cycles: collected inside the filter
+    return sizes
+
+
 def twin_for_layers(int_layers, *, num_layers, options=None, clock_hz=24_000_000):
     """The :class:`BoardTop` for a model's quantized MoE layers (``int_layers``, a mapping of
     layer index to :class:`~moefpga.hls_models.intmodel.IntLayer`), sized as
     :func:`.sim.hardware_for` sizes the sim backend's top (``options``: lanes, T_max, slots,
     router MACs); every layer must need the same hardware."""
-    from .sim import hardware_for
+    layers = [twin_sizes(_shapes_of(layer), _spec_of(layer), num_layers=num_layers,
+                         options=options) for layer in int_layers.values()]
 
-    layers = [hardware_for(_shapes_of(layer), _spec_of(layer), num_layers=num_layers,
-                           options=options or SimOptions()) for layer in int_layers.values()]
-    for hw in layers:                  # only their sizes are used, not the layers themselves
-        hw._MustUse__silence = True     # amaranth's "created but never used" warning
-
-    def shape(hw):
-        p = hw.params
+    def shape(sizes):
+        p = sizes.params
         return (p.lanes, p.m, p.engine.n, p.engine.weight_bits, p.group_size, p.max_tokens,
-                p.hidden, p.ffn,
-                p.acc_bits, hw.hidden, hw.experts, hw.top_k, hw.shared, hw.shared_gate)
+                p.hidden, p.ffn, p.acc_bits, sizes.hidden, sizes.experts, sizes.top_k,
+                sizes.shared, sizes.shared_gate)
 
-    hw = layers[0]
+    first = layers[0]
     for index, other in zip(int_layers, layers, strict=True):
-        if shape(other) != shape(hw):
+        if shape(other) != shape(first):
             raise MoefpgaError(f"MoE layer {index} needs other hardware than the first; one "
                                "board top serves every layer")
-    return _board_top(hw.params, hidden=hw.hidden, experts=hw.experts, top_k=hw.top_k,
-                      slots=hw.slots, shared=hw.shared, shared_gate=hw.shared_gate,
-                      layers=hw.layers, macs=hw.macs, clock_hz=clock_hz)
+    return _board_top(first.params, hidden=first.hidden, experts=first.experts,
+                      top_k=first.top_k, slots=first.slots, shared=first.shared,
+                      shared_gate=first.shared_gate, layers=first.layers, macs=first.macs,
+                      clock_hz=clock_hz)
 
 
 def build(top, progress=None):

@@ -406,12 +406,11 @@ class BoardSimBackend(BoardBackend):
 
     def _fit(self, index, weights):
         # The twin is sized as the sim backend's top; sizing the first layer refuses shapes
-        # it cannot take before anything is quantized (the sized top itself is not used).
+        # it cannot take before anything is quantized.
         if self.board is None and not self.int_layers:
-            hardware = _sim_module().hardware_for(weights, self.spec,
-                                                   num_layers=self.num_layers,
-                                                   options=self.options)
-            hardware._MustUse__silence = True      # amaranth's "created but never used"
+            from .board_sim import twin_sizes
+
+            twin_sizes(weights, self.spec, num_layers=self.num_layers, options=self.options)
 
 
 class SerialBackend(BoardBackend):

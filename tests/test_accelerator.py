@@ -1,15 +1,19 @@
 """The accelerator session (host/accelerator.py) and ``moefpga run --backend serial|board-sim``
 against peers that are not a working device: nothing on the line, garbage, a device built for
-other hardware; and the options that do not belong to a backend. Pure Python: the peers are
-threads on a pseudo-terminal; the Verilator twin is tested in sim_tests/test_board_sim.py."""
+other hardware or smaller frames, a twin that fails; and the options that do not belong to a
+backend. Pure Python: the peers are threads on a pseudo-terminal, the failing twin a stand-in
+script; the Verilator twin is tested in sim_tests/test_board_sim.py."""
 
 import dataclasses
 import errno
+import gc
 import os
 import random
 import select
+import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -20,13 +24,14 @@ from moefpga.hls_models.checkpoint import Checkpoint
 from moefpga.hls_models.errors import MoefpgaError
 from moefpga.hls_models.sparsity import parse_sparsity
 from moefpga.hls_models.synthetic import write_checkpoint
+from moefpga.host import board_sim
 from moefpga.host.accelerator import (
     open_accelerator,
     requirements,
     router_message,
     token_message,
 )
-from moefpga.host.board_sim import BoardSim
+from moefpga.host.board_sim import BoardSim, twin_sizes
 from moefpga.host.cli import default_calibration
 from moefpga.host.link import (
     LINK_VERSION,
@@ -37,6 +42,8 @@ from moefpga.host.link import (
     Type,
     decode_frame,
 )
+from moefpga.host.sim import hardware_for
+from moefpga.host.sim_options import SimOptions
 from moefpga.rtl.expert_stream import VERSION
 from moefpga.rtl.moe_layer import COUNTER_BITS
 
@@ -328,3 +335,102 @@ def test_twin_that_does_not_start_is_one_error(tmp_path):
         BoardSim(failing)
     with pytest.raises(MoefpgaError, match="^cannot start the board twin"):
         BoardSim(tmp_path / "missing")
+
+
+#: A stand-in for the twin's executable: it opens a pseudo-terminal as ``board_sim.cpp``
+#: does, answers HELLO with IDENTITY and READ COUNTERS with zeros, and at the first RUN TOKENS
+#: fails as the driver fails: one ``error: ...`` line on standard error, exit status 1.
+FAKE_TWIN = """#!{python}
+import os, select, sys
+from moefpga.host.link import Link, Type
+
+class Master:
+    def __init__(self, fd):
+        self.fd = fd
+    def read(self, limit, timeout):
+        return os.read(self.fd, limit) if select.select([self.fd], [], [], timeout)[0] else b""
+    def write(self, data):
+        os.write(self.fd, data)
+
+master, hold = os.openpty()
+print("pty", os.ttyname(hold), flush=True)
+link = Link(Master(master), timeout=0.2)
+while True:
+    try:
+        message = link.receive(1.0)
+    except Exception:
+        continue
+    if message.type == Type.HELLO:
+        link.send(Type.IDENTIFY, bytes.fromhex("{identity}"))
+    elif message.type == Type.READ_COUNTERS:
+        link.send(Type.COUNTERS, bytes({counter_bytes}))
+    elif message.type == Type.RUN_TOKENS:
+        print("error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+"""
+
+
+def _int4_layers(checkpoint):
+    ck = Checkpoint.open(checkpoint[0])
+    spec = QuantSpec(bits=4, sparsity=parse_sparsity("2:4"))
+    return {0: quantize_layer(ck.moe_layer(0), spec, default_calibration(ck, 0))}
+
+
+def test_twin_error_line_reaches_the_user(checkpoint, tmp_path, monkeypatch):
+    """A twin that fails during a batch: the session's error ends with the twin's own
+    ``error: ...`` line."""
+    fake = tmp_path / "Vboard_top"
+    fake.write_text(FAKE_TWIN.format(python=sys.executable, identity=FITS.to_bytes().hex(),
+                                     counter_bytes=10 * COUNTER_BITS // 8,
+                                     error="poll: the simulated line broke"))
+    fake.chmod(0o755)
+    monkeypatch.setattr(board_sim, "build", lambda top, progress=None: fake)
+    layers = _int4_layers(checkpoint)
+    start = time.monotonic()
+    with pytest.raises(MoefpgaError) as error:
+        with open_accelerator("board-sim", layers, num_layers=2, link_timeout=0.2,
+                              options=SimOptions(max_tokens=4)) as accelerator:
+            accelerator.run_layer(0, np.ones((2, 32), np.int16), np.zeros(2, np.int8))
+    assert str(error.value).endswith("(the board twin: error: poll: the simulated line broke)")
+    assert time.monotonic() - start < 30
+
+
+def test_board_twin_that_does_not_fit_is_refused_before_the_build(checkpoint, tmp_path,
+                                                                  monkeypatch):
+    """--board names a twin sized for the default model: a model it does not fit is one error
+    line before any Verilog is generated or built."""
+    def build(top, progress=None):
+        raise AssertionError("the twin was built")
+
+    monkeypatch.setattr(board_sim, "build", build)
+    code, out, err = _run(checkpoint, tmp_path, "--backend", "board-sim", "--board",
+                          "icebreaker")
+    assert code == 2 and out == "" and not (tmp_path / "y.npy").exists()
+    # boards/icebreaker.yaml on the default model: hidden 128, 8 experts, 4 layers, G = 32,
+    # 4 lanes of 2:4 int4; the test layer: hidden 32, 4 experts, FFN 32, 2 layers.
+    assert err.strip().splitlines()[-1] == (
+        "moefpga: error: the twin of board icebreaker does not fit this model: hidden: device "
+        "128, needed 32; experts: device 8, needed 4")
+
+
+def test_sizing_the_twin_leaves_no_unused_elaboratable(checkpoint):
+    """``twin_sizes`` reads the sizes of ``hardware_for``'s MoeLayer without amaranth's "created
+    but never used" warning, which an unused MoeLayer does give once anything was elaborated
+    (as the twin's Verilog is)."""
+    from amaranth.hdl import Fragment, Module, UnusedElaboratable
+
+    weights = Checkpoint.open(checkpoint[0]).moe_layer(0)
+    spec = QuantSpec(bits=4, sparsity=parse_sparsity("2:4"))
+    Fragment.get(Module(), None)         # elaborated: amaranth's warning is live from now on
+
+    def unused_warnings(make):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make()
+            gc.collect()
+        return [w for w in caught if issubclass(w.category, UnusedElaboratable)]
+
+    assert unused_warnings(lambda: hardware_for(weights, spec, num_layers=2))   # the control
+    sizes = []
+    assert unused_warnings(lambda: sizes.append(twin_sizes(weights, spec, num_layers=2))) == []
+    assert (sizes[0].hidden, sizes[0].experts, sizes[0].params.lanes) == (32, 4, 4)
