@@ -47,8 +47,8 @@ SPEC = QuantSpec(bits=4, group_size=32, sparsity=parse_sparsity("2:4"))
 OPTIONS = SimOptions(lanes=2, max_tokens=4, slots=3)
 #: 10 tokens: batches of 4, 4 and 2.
 TOKENS = 10
-CLI_SPEC = ["--quant", "int4", "--group-size", "32", "--sparsity", "2:4", "--lanes", "2",
-            "--max-tokens", "4", "--slots", "3"]
+CLI_SPEC = ["--quant", "int4", "--group-size", "32", "--sparsity", "2:4"]
+CLI_HW = ["--lanes", "2", "--max-tokens", "4", "--slots", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +291,7 @@ def test_run_board_sim_and_serial_equal_model(model, twin, tmp_path, capsys, sim
     _, executable = twin
     _, expected = _y(capsys, checkpoint, x, tmp_path / "model.npy", "--backend", "model")
     out, y = _y(capsys, checkpoint, x, tmp_path / "board.npy", "--backend", "board-sim",
-                "--predictor", "gate", "--policy", "lfu")
+                "--predictor", "gate", "--policy", "lfu", *CLI_HW)
     assert np.array_equal(y, expected)
     assert "device: 2 lanes, 2:4 int4 G=32, hidden 32" in out and "Fmax unknown" in out
     assert "board-sim layer 1: 10 tokens in 3 batches, policy lfu, predictor gate" in out

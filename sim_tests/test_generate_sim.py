@@ -70,11 +70,12 @@ def test_logits_and_generate_equal_the_model(capsys, checkpoints, tmp_path, fami
                                              sim_report):
     path = checkpoints[family]
     np.save(tmp_path / "ids.npy", np.array([int(i) for i in PROMPT.split(",")]))
-    common = ("--checkpoint", path, *options, "--max-tokens", MAX_TOKENS)
+    common = ("--checkpoint", path, *options)
     logits = {}
     for backend in ("model", "sim"):
+        hw = ("--max-tokens", MAX_TOKENS) if backend == "sim" else ()
         status, out, err = run(capsys, "logits", "--ids", tmp_path / "ids.npy", "--output",
-                               tmp_path / f"{backend}.npy", "--backend", backend, *common)
+                               tmp_path / f"{backend}.npy", "--backend", backend, *common, *hw)
         assert status == 0, err
         logits[backend] = np.load(tmp_path / f"{backend}.npy")
     assert logits["model"].shape == (10, 64)
@@ -84,8 +85,9 @@ def test_logits_and_generate_equal_the_model(capsys, checkpoints, tmp_path, fami
 
     outputs = {}
     for backend in ("model", "sim"):
+        hw = ("--max-tokens", MAX_TOKENS) if backend == "sim" else ()
         status, out, err = run(capsys, "generate", "--prompt-ids", PROMPT, "--max-new-tokens",
-                               NEW_TOKENS, "--backend", backend, *common)
+                               NEW_TOKENS, "--backend", backend, *common, *hw)
         assert status == 0, err
         outputs[backend] = out
     assert outputs["sim"] == outputs["model"]
@@ -147,13 +149,14 @@ def test_generate_on_board_sim_equals_the_model(capsys, tmp_path, sim_report):
                             hidden_size=HIDDEN, num_experts=4, top_k=TOP_K,
                             expert_ffn_size=FFN, shared_expert_ffn_size=FFN, vocab_size=64,
                             seed=3)
-    hardware = ("--checkpoint", path, "--quant", "int4", "--group-size", "32", "--sparsity",
-                "2:4", "--lanes", "2", "--max-tokens", "4", "--slots", "3")
-    common = (*hardware, "--prompt-ids", PROMPT, "--max-new-tokens", NEW_TOKENS)
+    model = ("--checkpoint", path, "--quant", "int4", "--group-size", "32", "--sparsity",
+             "2:4")
+    twin = ("--lanes", "2", "--max-tokens", "4", "--slots", "3")
+    common = (*model, "--prompt-ids", PROMPT, "--max-new-tokens", NEW_TOKENS)
     status, model_out, err = run(capsys, "generate", *common, "--backend", "model")
     assert status == 0, err
     status, out, err = run(capsys, "generate", *common, "--backend", "board-sim",
-                           "--predictor", "gate")
+                           "--predictor", "gate", *twin)
     assert status == 0, err
     assert out == model_out
     phases, counts = report(err)
@@ -168,8 +171,9 @@ def test_generate_on_board_sim_equals_the_model(capsys, tmp_path, sim_report):
     logits = {}
     for backend in ("model", "board-sim"):
         logits[backend] = tmp_path / f"{backend}.npy"
-        status, _, logits_err = run(capsys, "logits", *hardware, "--ids", ids,
-                                    "--output", logits[backend], "--backend", backend)
+        status, _, logits_err = run(capsys, "logits", *model, "--ids", ids,
+                                    "--output", logits[backend], "--backend", backend,
+                                    *(twin if backend == "board-sim" else ()))
         assert status == 0, logits_err
     assert np.array_equal(np.load(logits["model"]).view(np.uint32),
                           np.load(logits["board-sim"]).view(np.uint32))

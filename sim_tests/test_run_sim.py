@@ -55,10 +55,12 @@ def checkpoints(tmp_path_factory):
 
 
 def _run(capsys, checkpoint, x, output, backend, quant, sparsity, extra=(), layer=1):
-    """``moefpga run`` in process: exit status, standard output and error, Y."""
+    """``moefpga run`` in process: exit status, standard output and error, Y. The sim backend
+    gets ``--max-tokens`` :data:`MAX_TOKENS` (the model backend refuses hardware options)."""
+    hardware = ["--max-tokens", str(MAX_TOKENS)] if backend == "sim" else []
     status = main(["run", "--checkpoint", str(checkpoint), "--layer", str(layer), "--input",
                    str(x), "--output", str(output), "--backend", backend, "--quant", quant,
-                   "--sparsity", sparsity, "--max-tokens", str(MAX_TOKENS), *extra])
+                   "--sparsity", sparsity, *hardware, *extra])
     out, err = capsys.readouterr()
     return status, out, err, np.load(output) if status == 0 else None
 
