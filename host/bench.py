@@ -265,15 +265,19 @@ def _phase_summary(per_layer, phase, multipliers, m_over_n):
 
 
 def board_clock(board, build_root=Path("build")):
-    """``(MHz, source)``: the Fmax in ``build/<board>/report.json`` when present, else the
-    board's ``target_mhz``."""
+    """``(MHz, source)``: the Fmax in ``build/<board>/report.json`` when that report is of a
+    board top that met timing (a bitstream was written), else the board's ``target_mhz``. A
+    report of a survey unit (``make bitstream UNIT=...``) or of a failed build is not the
+    board's clock."""
     report = Path(build_root) / board / "report.json"
-    if report.is_file():
-        try:
-            return float(json.loads(report.read_text())["fmax_mhz"]), f"Fmax in {report}"
-        except (ValueError, KeyError, OSError):
-            pass
-    return float(_load_board(board).target_mhz), "target_mhz (no report.json from make bitstream)"
+    try:
+        built = json.loads(report.read_text())
+        if built["core"] == "board_top" and built["timing_met"]:
+            return float(built["fmax_mhz"]), f"Fmax in {report}"
+    except (ValueError, KeyError, TypeError, OSError):
+        pass
+    return (float(_load_board(board).target_mhz),
+            "target_mhz (no report.json of a board top that met timing, from make bitstream)")
 
 
 def board_dsps(board, build_root=Path("build")):

@@ -17,6 +17,7 @@ from moefpga.hls_models.calibrate import QuantSpec, quantize_layer
 from moefpga.hls_models.checkpoint import Checkpoint
 from moefpga.hls_models.sparsity import Sparsity
 from moefpga.hls_models.synthetic import write_checkpoint
+from moefpga.host.bench import board_clock
 from moefpga.host.cli import default_calibration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,9 +114,7 @@ def test_tokens_per_second_from_clock_and_link(bench):
     10) / bytes on the busier direction; the bound is the smaller."""
     config = _config(bench[0])
     rate = config["board_rate"]
-    report = REPO / "build" / "icebreaker" / "report.json"
-    clock = (json.loads(report.read_text())["fmax_mhz"] if report.is_file()
-             else BOARD["target_mhz"])
+    clock, _ = board_clock("icebreaker")
     assert rate["clock_mhz"] == clock
     assert rate["baud"] == BOARD["baud"]
     for phase in ("prefill", "decode"):
@@ -185,3 +184,20 @@ def test_missing_checkpoint_leaves_no_output_folder(tmp_path):
                         tmp_path / "out")
     assert code == 2 and "nowhere" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("report, expected", [
+    (None, BOARD["target_mhz"]),
+    ({"core": "board_top", "timing_met": True, "fmax_mhz": 25.5}, 25.5),
+    ({"core": "board_top", "timing_met": False, "fmax_mhz": 14.2}, BOARD["target_mhz"]),
+    ({"core": "router in the development harness (not the board top)", "timing_met": True,
+      "fmax_mhz": 30.7}, BOARD["target_mhz"]),
+    ("not json", BOARD["target_mhz"]),
+])
+def test_board_clock_is_a_built_board_tops_fmax_or_the_target(tmp_path, report, expected):
+    """Only the report of a board top that met timing gives the board's clock."""
+    if report is not None:
+        (tmp_path / "icebreaker").mkdir()
+        (tmp_path / "icebreaker" / "report.json").write_text(
+            report if isinstance(report, str) else json.dumps(report))
+    assert board_clock("icebreaker", tmp_path)[0] == expected
