@@ -68,17 +68,25 @@ def board_pll(cfg, platform):
     return (ice40_pll if cfg.family == "ice40" else ecp5_pll)(fin, cfg.target_mhz)
 
 
-def make_core(cfg, name, clock_hz):
-    """The core ``name`` for ``cfg`` clocked at ``clock_hz``: ``board_top``, the MoE layer
-    behind the host link (:class:`moefpga.rtl.board_top.BoardTop`), or a survey unit in the
-    development harness."""
-    if name != "board_top":
-        return DevelopmentHarness(unit(name, cfg))
+def board_top(cfg, clock_hz, *, divisor=None, ack_timeout=None, spram_model=None):
+    """The :class:`moefpga.rtl.board_top.BoardTop` of board ``cfg`` clocked at ``clock_hz``:
+    sized for the default model, its slots in the board's ``memory``, the UART divisor and the
+    ACK timeout from the board's baud rate and ``ack_timeout_ms`` unless given (the Verilator
+    twin, :mod:`moefpga.host.board_sim`, gives its own, and a ``spram_model`` to simulate)."""
     return BoardTop(ExpertFfnParams(**cfg.ffn_kwargs()), hidden=DEFAULT_MODEL["hidden_size"],
                     experts=DEFAULT_MODEL["num_experts"], top_k=DEFAULT_MODEL["top_k"],
                     slots=cfg.slots, layers=DEFAULT_MODEL["num_layers"], macs=cfg.router_macs,
-                    divisor=round(clock_hz / cfg.baud), clock_hz=round(clock_hz),
-                    ack_timeout=round(clock_hz * cfg.ack_timeout_ms / 1000))
+                    divisor=divisor or round(clock_hz / cfg.baud), clock_hz=round(clock_hz),
+                    ack_timeout=ack_timeout or round(clock_hz * cfg.ack_timeout_ms / 1000),
+                    slot_memory=cfg.memory, spram_model=spram_model)
+
+
+def make_core(cfg, name, clock_hz):
+    """The core ``name`` for ``cfg`` clocked at ``clock_hz``: ``board_top``, the MoE layer
+    behind the host link (:func:`board_top`), or a survey unit in the development harness."""
+    if name != "board_top":
+        return DevelopmentHarness(unit(name, cfg))
+    return board_top(cfg, clock_hz)
 
 
 class BoardWrapper(Elaboratable):

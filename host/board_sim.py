@@ -24,9 +24,9 @@ from types import SimpleNamespace
 
 from ..hls_models.calibrate import QuantSpec
 from ..hls_models.errors import MoefpgaError
-from ..hls_models.synthetic import DEFAULT_MODEL
 from ..rtl.board_top import BoardTop
 from ..rtl.expert_ffn_params import ExpertFfnParams
+from ..rtl.single_port_memory import SpramModel
 from .sim_build import build_executable
 from .sim_options import SimOptions
 
@@ -56,18 +56,16 @@ def twin_for_board(board):
     """The :class:`BoardTop` of board ``board`` (a name or YAML path, ``boards.config``) as
     ``boards/build.py`` builds it (sized for the default model, the board's target clock in
     IDENTIFY), with the twin's divisor and ACK timeout."""
+    from ..boards.build import board_top
     from ..boards.config import BoardError, load_board
 
     try:
         cfg = load_board(board)
     except BoardError as error:
         raise MoefpgaError(str(error)) from None
-    return _board_top(ExpertFfnParams(**cfg.ffn_kwargs()), hidden=DEFAULT_MODEL["hidden_size"],
-                      experts=DEFAULT_MODEL["num_experts"], top_k=DEFAULT_MODEL["top_k"],
-                      slots=cfg.slots, shared=bool(DEFAULT_MODEL["shared_expert_ffn_size"]),
-                      shared_gate=bool(DEFAULT_MODEL["shared_expert_ffn_size"]),
-                      layers=DEFAULT_MODEL["num_layers"], macs=cfg.router_macs,
-                      clock_hz=round(cfg.target_mhz * 1e6))
+    return board_top(cfg, cfg.target_mhz * 1e6, divisor=TWIN_DIVISOR,
+                     ack_timeout=TWIN_ACK_TIMEOUT,
+                     spram_model=SpramModel if cfg.memory == "spram" else None)
 
 
 def _spec_of(int_layer):

@@ -171,8 +171,10 @@ class BoardTop(wiring.Component):
     IDENTIFY reports the parameters (:attr:`identity`). A HELLO or a RESET message resets the
     layer and the message adapters around it (the slots are emptied, the counters cleared).
     ``load_timeout`` goes to the layer's port of that name (cycles to wait for a requested
-    record; 0 waits forever). ``fmax_khz`` is reported in IDENTIFY as the clock place and
-    route achieved (0: unknown, as in a simulation).
+    record; 0 waits forever). ``fmax_khz`` is reported in IDENTIFY as the clock place and route
+    achieved (0: unknown, as in a simulation). ``slot_memory`` and ``spram_model`` go to the
+    layer (where its slots keep weight beats; the SPRAM model a simulation builds instead of the
+    primitive).
 
     Members
     -------
@@ -191,10 +193,11 @@ class BoardTop(wiring.Component):
 
     def __init__(self, params, *, hidden, experts, top_k, slots, shared=True, shared_gate=True,
                  layers=1, macs=1, divisor, clock_hz, ack_timeout, retries=8, load_timeout=0,
-                 max_payload=MAX_PAYLOAD, fmax_khz=0):
+                 max_payload=MAX_PAYLOAD, fmax_khz=0, slot_memory="ebr", spram_model=None):
         self.layer = MoeLayer(params, hidden=hidden, experts=experts, top_k=top_k,
                               slots=slots, shared=shared, shared_gate=shared_gate,
-                              layers=layers, macs=macs)
+                              layers=layers, macs=macs, slot_memory=slot_memory,
+                              spram_model=spram_model)
         e = params.engine
         self.identity = Identity(
             link_version=LINK_VERSION, record_version=VERSION, lanes=params.lanes, m=e.m,

@@ -82,6 +82,9 @@ class MoeLayer(wiring.Component):
     slot_memory : str
         Where the slots keep weight beats: ``"ebr"`` (block RAM) or ``"spram"`` (iCE40 SPRAM);
         see :class:`.expert_slots.ExpertSlots`'s ``memory``.
+    spram_model : type or None
+        With ``slot_memory="spram"``, the simulation model of ``SB_SPRAM256KA`` to build instead
+        of the primitive (:class:`.single_port_memory.SpramModel`; a board build leaves it None).
 
     Members
     -------
@@ -130,7 +133,7 @@ class MoeLayer(wiring.Component):
     """
 
     def __init__(self, params, *, hidden, experts, top_k, slots, shared=True, shared_gate=True,
-                 layers=1, macs=1, slot_memory="ebr"):
+                 layers=1, macs=1, slot_memory="ebr", spram_model=None):
         p = params
         if not isinstance(hidden, int) or not 0 < hidden <= p.hidden or any(
                 hidden % q for q in (p.m, p.lanes, p.group_size)):
@@ -148,6 +151,7 @@ class MoeLayer(wiring.Component):
         self.layers      = layers
         self.macs        = macs
         self.slot_memory = slot_memory
+        self.spram_model = spram_model
         self.counters_layout = data.StructLayout({
             name: unsigned(COUNTER_BITS)
             for name in ("cycles", "compute", "stall", "loads", "hits", "rejected",
@@ -180,7 +184,8 @@ class MoeLayer(wiring.Component):
         m.submodules.loader = loader = ExpertLoader(p, layers=self.layers, experts=E,
                                                     slots=self.slots)
         m.submodules.slots = slots = ExpertSlots(p, slots=self.slots, layers=self.layers,
-                                                 experts=E + 1, memory=self.slot_memory)
+                                                 experts=E + 1, memory=self.slot_memory,
+                                                 spram_model=self.spram_model)
         m.submodules.ffn = ffn = ExpertFFN(
             lanes=P, m=M, n=p.engine.n, weight_bits=p.engine.weight_bits,
             group_size=p.group_size, max_tokens=T, hidden=p.hidden, ffn=p.ffn,

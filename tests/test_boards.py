@@ -295,6 +295,24 @@ def test_make_core_is_the_board_top_or_a_labelled_harness():
     assert isinstance(build.make_core(cfg, "router", 24e6), DevelopmentHarness)
 
 
+@pytest.mark.parametrize("board", ["icebreaker", "ulx3s-85f"])
+def test_board_top_and_its_twin_differ_only_in_bit_time_and_spram_model(board):
+    """The board's top keeps its slots in the board's memory kind with the SPRAM primitive;
+    the Verilator twin (host.board_sim) is the same top, reporting the same IDENTIFY, with
+    its own UART divisor and ACK timeout and the SPRAM simulation model."""
+    from moefpga.host.board_sim import TWIN_ACK_TIMEOUT, TWIN_DIVISOR, twin_for_board
+    from moefpga.rtl.single_port_memory import SpramModel
+
+    cfg = load_board(board)
+    top, twin = build.make_core(cfg, "board_top", cfg.target_mhz * 1e6), twin_for_board(board)
+    assert top.identity == twin.identity
+    assert top.layer.slot_memory == twin.layer.slot_memory == cfg.memory
+    assert top.layer.spram_model is None
+    assert twin.layer.spram_model is (SpramModel if cfg.memory == "spram" else None)
+    assert top.link.divisor == round(cfg.target_mhz * 1e6 / cfg.baud)
+    assert (twin.link.divisor, twin.link.tx_side.ack_timeout) == (TWIN_DIVISOR, TWIN_ACK_TIMEOUT)
+
+
 def test_survey_units_build_and_unknown_ones_are_errors():
     cfg = load_board("icebreaker")
     assert [type(unit(name, cfg)).__name__ for name in UNITS] == [
