@@ -342,6 +342,7 @@ def test_twin_that_does_not_start_is_one_error(tmp_path):
 #: fails as the driver fails: one ``error: ...`` line on standard error, exit status 1.
 FAKE_TWIN = """#!{python}
 import os, select, sys
+from moefpga.hls_models.errors import MoefpgaError
 from moefpga.host.link import Link, Type
 
 class Master:
@@ -358,7 +359,7 @@ link = Link(Master(master), timeout=0.2)
 while True:
     try:
         message = link.receive(1.0)
-    except Exception:
+    except MoefpgaError:          # nothing within the second: wait on
         continue
     if message.type == Type.HELLO:
         link.send(Type.IDENTIFY, bytes.fromhex("{identity}"))
