@@ -57,20 +57,21 @@ class Combiner(wiring.Component):
     """Weighted accumulation of expert outputs per token, and the final rounding to int32.
 
     Holds one ``COMBINE_BITS``-bit accumulator per output slot (``max_tokens``) and hidden
-    element (``hidden``), zero at start. A beat on ``y`` adds ``weight * values[p]`` to the
-    accumulators of slot ``slot``, elements ``block * lanes + p`` (exact: 48-bit products,
-    sums of up to 9 of them). A command on ``cmd`` sends, for slots ``0..tokens-1`` in order and
-    blocks ``0..blocks-1`` in order, ``saturate(round_shift(acc, 15), 32)`` of each block's
-    ``lanes`` accumulators on ``o`` and clears them: that is ``intmodel.combine``.
+    element (``hidden``), zero at start, in words of ``lanes`` elements. A beat on ``y`` adds
+    ``weight * value`` to the accumulator of slot ``slot``, element ``block * lanes + lane``
+    (exact: a 48-bit product, sums of up to 9 of them; one multiplier and one adder serve every
+    lane). A command on ``cmd`` sends, for slots ``0..tokens-1`` in order and blocks
+    ``0..blocks-1`` in order, ``saturate(round_shift(acc, 15), 32)`` of each block's ``lanes``
+    accumulators on ``o`` and clears them: that is ``intmodel.combine``.
 
     ``y`` is ready in every cycle except while a command runs; ``o`` may be back-pressured at
-    any cycle. Accumulating the same slot and block in consecutive cycles is exact (the read
-    port is transparent to the accumulator write).
+    any cycle. Accumulating into the same word in consecutive cycles is exact (the read port
+    is transparent to the accumulator write).
 
     Parameters
     ----------
     lanes : int
-        Elements per beat.
+        Elements per word and per ``o`` beat.
     max_tokens : int
         Output slots.
     hidden : int
@@ -78,8 +79,8 @@ class Combiner(wiring.Component):
 
     Members
     -------
-    y : In(stream.Signature(StructLayout({"slot", "block", "weight", "values"})))
-        ``values``: ``lanes`` signed 32-bit expert outputs; ``weight``: unsigned Q1.15.
+    y : In(stream.Signature(StructLayout({"slot", "block", "lane", "weight", "value"})))
+        ``value``: a signed 32-bit expert output; ``weight``: unsigned Q1.15.
     cmd : In(stream.Signature(StructLayout({"tokens", "blocks"})))
     o : Out(stream.Signature(ArrayLayout(signed(32), lanes)))
     """
@@ -92,8 +93,9 @@ class Combiner(wiring.Component):
             "y": In(stream.Signature(data.StructLayout({
                 "slot":   range(max_tokens),
                 "block":  range(self.blocks),
+                "lane":   range(lanes),
                 "weight": unsigned(WEIGHT_BITS),
-                "values": data.ArrayLayout(signed(OUT_BITS), lanes),
+                "value":  signed(OUT_BITS),
             }))),
             "cmd": In(stream.Signature(data.StructLayout({
                 "tokens": range(max_tokens + 1),
@@ -107,7 +109,7 @@ class Combiner(wiring.Component):
         m.submodules.accs = accs = Memory(
             shape=data.ArrayLayout(signed(COMBINE_BITS), self.lanes),
             depth=self.max_tokens * self.blocks, init=[])
-        wr = accs.write_port()
+        wr = accs.write_port(granularity=1)
         rd = accs.read_port(transparent_for=(wr,))
 
         tokens = Signal.like(self.cmd.payload.tokens)
@@ -119,16 +121,16 @@ class Combiner(wiring.Component):
         clear_addr = Signal.like(wr.addr)
         m.d.sync += clear.eq(0)
 
-        # Accumulation: read the slot's accumulators while the products are registered.
+        # Accumulation: read the element's word while its product is registered.
         adding   = Signal()
         add_addr = Signal.like(wr.addr)
-        products = Signal(data.ArrayLayout(signed(COMBINE_BITS), self.lanes))
+        add_lane = Signal.like(self.y.payload.lane)
+        product  = Signal(signed(COMBINE_BITS))
         m.d.sync += adding.eq(self.y.valid & self.y.ready)
         with m.If(self.y.valid & self.y.ready):
-            m.d.sync += add_addr.eq(self.y.payload.slot * self.blocks + self.y.payload.block)
-            for p in range(self.lanes):
-                m.d.sync += products[p].eq(self.y.payload.values[p]
-                                           * self.y.payload.weight)
+            m.d.sync += [add_addr.eq(self.y.payload.slot * self.blocks + self.y.payload.block),
+                         add_lane.eq(self.y.payload.lane),
+                         product.eq(self.y.payload.value * self.y.payload.weight)]
 
         with m.FSM():
             with m.State("ADD"):
@@ -161,16 +163,15 @@ class Combiner(wiring.Component):
                     m.next = "ADD"
 
         half = 1 << (PROB_FRAC_BITS - 1)
+        total = rd.data[add_lane] + product
         for p in range(self.lanes):
             acc = rd.data[p]
             m.d.comb += [
                 self.o.payload[p].eq(saturated((acc + half) >> PROB_FRAC_BITS, OUT_BITS)),
-                wr.data[p].eq(Mux(clear, 0, acc + products[p])),
+                wr.data[p].eq(Mux(clear, 0, total)),
+                wr.en[p].eq(clear | (adding & (add_lane == p))),
             ]
-        m.d.comb += [
-            wr.en.eq(adding | clear),
-            wr.addr.eq(Mux(clear, clear_addr, add_addr)),
-        ]
+        m.d.comb += wr.addr.eq(Mux(clear, clear_addr, add_addr))
         return m
 
 
@@ -190,7 +191,10 @@ class ExpertFFN(wiring.Component):
     its ``s`` waits in a buffer of one row block; the up result of the same rows and token,
     ``u = rq(uacc, M_u, s_u - t, 16)``, meets it: ``h = rq(s * u, M_h, s_h, 8)`` goes to the
     token-by-FFN hidden buffer. That buffer is then loaded as the engine's activations and the
-    down projection runs: ``y = rq(dacc, M_d, s_d, 32)`` goes to the :class:`Combiner`.
+    down projection runs: ``y = rq(dacc, M_d, s_d, 32)`` goes to the :class:`Combiner`. One
+    pair of requantizers serves every lane: the engine's ``lanes`` results of a row block and
+    token pass through them one lane a cycle, so the engine waits only when a row is shorter
+    than ``lanes`` beats (``hidden`` or ``ffn`` below ``lanes * m``).
 
     An *emit* command sends ``saturate(round_shift(acc, 15), 32)`` for slots ``0..tokens-1`` on
     ``o`` (``lanes`` elements a beat, slot by slot) and clears those accumulators
@@ -221,7 +225,8 @@ class ExpertFFN(wiring.Component):
         The engine's ``issue``: ``lanes * n`` multiplies in this cycle.
     """
 
-    #: Cycles of an expert command beyond its loads and the engine's beats (docs/ffn.md).
+    #: Cycles of an expert command beyond its loads, the engine's beats and the two runs'
+    #: last results passing the serializer, ``lanes`` cycles each (docs/ffn.md).
     OVERHEAD = 27
 
     def __init__(self, **kwargs):
@@ -238,15 +243,17 @@ class ExpertFFN(wiring.Component):
 
     def cycles(self, tokens, hidden, ffn):
         """Cycles from accepting an expert command to accepting the next command, with streams
-        that never stall, when the 256-entry SiLU load is at least as long as the token load.
+        that never stall, when the 256-entry SiLU load is at least as long as the token load
+        and a row is at least ``lanes`` beats (``hidden`` and ``ffn`` at least ``lanes * m``).
 
         The SiLU table (or the tokens), the engine's ``3 * hidden * ffn * tokens / (lanes * m)``
-        beats, the hidden activations loaded into the engine, and :data:`OVERHEAD`.
+        beats, the hidden activations loaded into the engine, ``lanes`` cycles for each run's
+        last results to pass the serializer, and :data:`OVERHEAD`.
         """
         p = self.params
         return (max(SILU_ENTRIES, tokens * hidden // p.m)
                 + 3 * hidden * ffn * tokens // (p.lanes * p.m) + tokens * ffn // p.m
-                + self.OVERHEAD)
+                + 2 * p.lanes + self.OVERHEAD)
 
     def elaborate(self, platform):
         m = Module()
@@ -260,25 +267,22 @@ class ExpertFFN(wiring.Component):
         wiring.connect(m, wiring.flipped(self.w), engine.w)
         m.d.comb += self.issue.eq(engine.issue)
         wiring.connect(m, combiner.o, wiring.flipped(self.o))
-        rq1 = [Requantizer(p.acc_bits, OUT_BITS, SHIFT_BITS + 1, pipelined=True)
-               for _ in range(P)]
-        rq2 = [Requantizer(ACT_BITS + UP_BITS, ACT_BITS, SHIFT_BITS, pipelined=True)
-               for _ in range(P)]
-        L = rq1[0].latency          # stages: results at 0, requantized at L, h at 2 L + 1
-        for lane in range(P):
-            m.submodules[f"rq_acc{lane}"] = rq1[lane]
-            m.submodules[f"rq_hidden{lane}"] = rq2[lane]
-            m.d.comb += [rq1[lane].o.ready.eq(1), rq2[lane].o.ready.eq(1)]
+        m.submodules.rq_acc = rq1 = Requantizer(p.acc_bits, OUT_BITS, SHIFT_BITS + 1,
+                                                pipelined=True)
+        m.submodules.rq_hidden = rq2 = Requantizer(ACT_BITS + UP_BITS, ACT_BITS, SHIFT_BITS,
+                                                   pipelined=True)
+        L = rq1.latency             # stages: results at 0, requantized at L, h at 2 L + 1
+        m.d.comb += [rq1.o.ready.eq(1), rq2.o.ready.eq(1)]
 
         m.submodules.meta = meta = Memory(shape=p.meta, depth=p.max_tokens, init=[])
         m.submodules.silu = silu = Memory(shape=signed(ACT_BITS), depth=SILU_ENTRIES, init=[])
-        m.submodules.sbuf = sbuf = Memory(shape=data.ArrayLayout(signed(ACT_BITS), P),
-                                          depth=p.max_tokens, init=[])
+        m.submodules.sbuf = sbuf = Memory(shape=signed(ACT_BITS), depth=p.max_tokens * P,
+                                          init=[])
         m.submodules.hbuf = hbuf = Memory(shape=data.ArrayLayout(signed(ACT_BITS), W),
                                           depth=p.max_tokens * h_words, init=[])
         meta_w, meta_r = meta.write_port(), meta.read_port()
         silu_w = silu.write_port()
-        silu_r = [silu.read_port() for _ in range(P)]
+        silu_r = silu.read_port()
         sbuf_w = sbuf.write_port()
         sbuf_r = sbuf.read_port(transparent_for=(sbuf_w,))
         hbuf_w = hbuf.write_port(granularity=1)
@@ -312,6 +316,7 @@ class ExpertFFN(wiring.Component):
             "gate": 1, "up": 1, "down": 1, "last": 1,
             "token":  range(p.max_tokens),
             "block":  range(max(p.ffn, p.hidden) // P),
+            "lane":   range(P),
             "slot":   p.meta["slot"].shape,
             "weight": p.meta["weight"].shape,
         })
@@ -319,11 +324,21 @@ class ExpertFFN(wiring.Component):
         half       = Signal()
         token      = Signal(range(p.max_tokens))
         block      = Signal(tag_layout["block"].shape)
-        fire       = engine.o.valid
         last_token = token == cmd.tokens - 1
         blocks     = Mux(down_phase, cmd.hidden_blocks, cmd.ffn_blocks)
+
+        # The serializer: the engine's results, one lane a cycle; a result is taken in the
+        # cycle the last lane of the one before it goes on.
+        vector   = Signal.like(engine.o.payload)
+        vec_tag  = Signal(tag_layout)
+        vec_mult = Signal.like(rq1.i.payload.mult)
+        vec_shift = Signal.like(rq1.i.payload.shift)
+        lane     = Signal(range(P))
+        held     = Signal()
+        last_lane = lane == P - 1
+        fire = engine.o.valid & engine.o.ready
         m.d.comb += [
-            engine.o.ready.eq(1),
+            engine.o.ready.eq(~held | last_lane),
             meta_r.addr.eq(Mux(fire, Mux(last_token, 0, token + 1), token)),
         ]
         with m.If(fire):
@@ -333,64 +348,73 @@ class ExpertFFN(wiring.Component):
                 with m.If(down_phase | half):
                     m.d.sync += block.eq(block + 1)
 
+        exp = meta_r.data.exp
+        with m.If(fire):
+            m.d.sync += [
+                vector.eq(engine.o.payload),
+                vec_tag.gate.eq(~down_phase & ~half),
+                vec_tag.up.eq(~down_phase & half),
+                vec_tag.down.eq(down_phase),
+                vec_tag.last.eq(last_token & (block == blocks - 1)),
+                vec_tag.token.eq(token),
+                vec_tag.block.eq(block),
+                vec_tag.slot.eq(meta_r.data.slot),
+                vec_tag.weight.eq(meta_r.data.weight),
+                vec_mult.eq(Mux(down_phase, cmd.down_mult.mult,
+                                Mux(half, cmd.up_mult.mult, cmd.gate_mult.mult))),
+                vec_shift.eq(Mux(down_phase, cmd.down_mult.shift,
+                                 Mux(half, cmd.up_mult.shift, cmd.gate_mult.shift) - exp)),
+                lane.eq(0),
+                held.eq(1),
+            ]
+        with m.Elif(held):
+            m.d.sync += [lane.eq(lane + 1), held.eq(~last_lane)]
+
         tags = [Signal(tag_layout, name=f"tag{stage}") for stage in range(2 * L + 2)]
         m.d.comb += [
-            tags[0].gate.eq(fire & ~down_phase & ~half),
-            tags[0].up.eq(fire & ~down_phase & half),
-            tags[0].down.eq(fire & down_phase),
-            tags[0].last.eq(last_token & (block == blocks - 1)),
-            tags[0].token.eq(token),
-            tags[0].block.eq(block),
-            tags[0].slot.eq(meta_r.data.slot),
-            tags[0].weight.eq(meta_r.data.weight),
+            tags[0].eq(vec_tag),
+            tags[0].gate.eq(held & vec_tag.gate),
+            tags[0].up.eq(held & vec_tag.up),
+            tags[0].down.eq(held & vec_tag.down),
+            tags[0].last.eq(vec_tag.last & last_lane),
+            tags[0].lane.eq(lane),
         ]
         m.d.sync += [later.eq(earlier) for earlier, later in zip(tags, tags[1:], strict=False)]
         rq_tag, silu_tag, h_tag = tags[L], tags[L + 1], tags[2 * L + 1]
 
-        # Stage 0: accumulators into the requantizers, with the token's exponent.
-        exp = meta_r.data.exp
-        mult = Mux(down_phase, cmd.down_mult.mult, Mux(half, cmd.up_mult.mult,
-                                                       cmd.gate_mult.mult))
-        shift = Mux(down_phase, cmd.down_mult.shift,
-                    Mux(half, cmd.up_mult.shift, cmd.gate_mult.shift) - exp)
-        for lane in range(P):
-            m.d.comb += [
-                rq1[lane].i.valid.eq(fire),
-                rq1[lane].i.payload.value.eq(engine.o.payload[lane]),
-                rq1[lane].i.payload.mult.eq(mult),
-                rq1[lane].i.payload.shift.eq(shift),
-            ]
-
-        # Stage L: g indexes the SiLU table, u reads the block's SiLU outputs; y is combined.
-        u = Signal(data.ArrayLayout(signed(UP_BITS), P))
+        # Stage 0: one lane's accumulator into the requantizer, with the token's exponent.
         m.d.comb += [
-            sbuf_r.addr.eq(rq_tag.token),
+            rq1.i.valid.eq(held),
+            rq1.i.payload.value.eq(vector[lane]),
+            rq1.i.payload.mult.eq(vec_mult),
+            rq1.i.payload.shift.eq(vec_shift),
+        ]
+
+        # Stage L: g indexes the SiLU table, u reads the lane's SiLU output; y is combined.
+        u = Signal(signed(UP_BITS))
+        g = saturated(rq1.o.payload, ACT_BITS)
+        m.d.comb += [
+            silu_r.addr.eq(g.as_unsigned() ^ (1 << (ACT_BITS - 1))),
+            sbuf_r.addr.eq(rq_tag.token * P + rq_tag.lane),
             combiner.y.valid.eq(rq_tag.down),
             combiner.y.payload.slot.eq(rq_tag.slot),
             combiner.y.payload.block.eq(rq_tag.block),
+            combiner.y.payload.lane.eq(rq_tag.lane),
             combiner.y.payload.weight.eq(rq_tag.weight),
+            combiner.y.payload.value.eq(rq1.o.payload),
         ]
-        for lane in range(P):
-            g = saturated(rq1[lane].o.payload, ACT_BITS)
-            m.d.comb += [
-                silu_r[lane].addr.eq(g.as_unsigned() ^ (1 << (ACT_BITS - 1))),
-                combiner.y.payload.values[lane].eq(rq1[lane].o.payload),
-            ]
-            m.d.sync += u[lane].eq(saturated(rq1[lane].o.payload, UP_BITS))
+        m.d.sync += u.eq(saturated(rq1.o.payload, UP_BITS))
 
-        # Stage L + 1: keep a gate block's SiLU outputs; the up block's products to requantize.
+        # Stage L + 1: keep a gate lane's SiLU output; an up lane's product to requantize.
         m.d.comb += [
             sbuf_w.en.eq(silu_tag.gate),
-            sbuf_w.addr.eq(silu_tag.token),
+            sbuf_w.addr.eq(silu_tag.token * P + silu_tag.lane),
+            sbuf_w.data.eq(silu_r.data),
+            rq2.i.valid.eq(silu_tag.up),
+            rq2.i.payload.value.eq(sbuf_r.data * u),
+            rq2.i.payload.mult.eq(cmd.hidden_mult.mult),
+            rq2.i.payload.shift.eq(cmd.hidden_mult.shift),
         ]
-        for lane in range(P):
-            m.d.comb += [
-                sbuf_w.data[lane].eq(silu_r[lane].data),
-                rq2[lane].i.valid.eq(silu_tag.up),
-                rq2[lane].i.payload.value.eq(sbuf_r.data[lane] * u[lane]),
-                rq2[lane].i.payload.mult.eq(cmd.hidden_mult.mult),
-                rq2[lane].i.payload.shift.eq(cmd.hidden_mult.shift),
-            ]
 
         # Stage 2 L + 1: h into the hidden buffer, token by token, `W` columns a word.
         ratio = W // P
@@ -398,8 +422,9 @@ class ExpertFFN(wiring.Component):
         m.d.comb += hbuf_w.addr.eq(h_tag.token * h_words + h_tag.block // ratio)
         for column in range(W):
             m.d.comb += [
-                hbuf_w.data[column].eq(rq2[column % P].o.payload),
-                hbuf_w.en[column].eq(h_tag.up & (offset == column // P)),
+                hbuf_w.data[column].eq(rq2.o.payload),
+                hbuf_w.en[column].eq(h_tag.up & (offset == column // P)
+                                     & (h_tag.lane == column % P)),
             ]
 
         # The hidden buffer as the engine's activations: `m` columns a beat, token by token.

@@ -16,19 +16,19 @@ Y_MIN, Y_MAX = -(1 << 31), (1 << 31) - 1
 
 
 def _run(dut, phases, *, seed, stall):
-    """For each phase ``(adds, (tokens, blocks))``: send ``adds`` (slot, block, weight, values)
-    on ``y``, then the emit command on ``cmd``. Returns every payload received on ``o``."""
+    """For each phase ``(adds, (tokens, blocks))``: send ``adds`` (slot, block, lane, weight,
+    value) on ``y``, then the emit command on ``cmd``. Returns every payload received on ``o``."""
     rng = np.random.default_rng(seed)
     received = []
     expected = sum(tokens * blocks for _, (tokens, blocks) in phases)
 
     async def source(ctx):
         for adds, (tokens, blocks) in phases:
-            for slot, block, weight, values in adds:
+            for slot, block, lane, weight, value in adds:
                 while rng.random() < stall:
                     await ctx.tick()
-                ctx.set(dut.y.payload, {"slot": slot, "block": block, "weight": weight,
-                                        "values": list(values)})
+                ctx.set(dut.y.payload, {"slot": slot, "block": block, "lane": lane,
+                                        "weight": weight, "value": value})
                 ctx.set(dut.y.valid, 1)
                 await ctx.tick().until(dut.y.ready)
                 ctx.set(dut.y.valid, 0)
@@ -57,8 +57,9 @@ def _run(dut, phases, *, seed, stall):
 @pytest.mark.parametrize("lanes, consecutive", [(2, True), (3, False)])
 def test_combiner(lanes, consecutive):
     """Three experts into every slot: random outputs and weights, exact halves of the final
-    rounding, int32 saturation both ways; the same accumulators hit in consecutive cycles
-    (``consecutive``) or expert after expert. Then the cleared accumulators start again."""
+    rounding, int32 saturation both ways; the same accumulator hit in consecutive cycles
+    (``consecutive``: expert by expert for each element) or expert after expert. Then the
+    cleared accumulators start again."""
     rng = np.random.default_rng(lanes)
     max_tokens, hidden, experts = 4, 4 * lanes, 3
     dut = Combiner(lanes=lanes, max_tokens=max_tokens, hidden=hidden)
@@ -68,12 +69,12 @@ def test_combiner(lanes, consecutive):
     y[1], w[1] = Y_MIN, ONE                                  # saturates down
     y[2, :, ::2], w[2] = 1, [ONE // 2, 0, 0]                  # an exact half: rounds up
     y[2, :, 1::2] = -1                                       # -1/2 rounds to 0
-    order = [(t, k, b) for t in range(max_tokens) for b in range(hidden // lanes)
-             for k in range(experts)]
+    order = [(t, k, b, lane) for t in range(max_tokens) for b in range(hidden // lanes)
+             for lane in range(lanes) for k in range(experts)]
     if not consecutive:
-        order.sort(key=lambda tkb: tkb[1])
-    adds = [(t, b, w[t, k], y[t, k, b * lanes:(b + 1) * lanes]) for t, k, b in order]
-    again = [(t, 0, ONE, y[t, 0, :lanes]) for t in range(max_tokens)]
+        order.sort(key=lambda tkbl: tkbl[1])
+    adds = [(t, b, lane, w[t, k], y[t, k, b * lanes + lane]) for t, k, b, lane in order]
+    again = [(t, 0, lane, ONE, y[t, 0, lane]) for t in range(max_tokens) for lane in range(lanes)]
     got = _run(dut, [(adds, (max_tokens, hidden // lanes)), (again, (max_tokens, 1))],
                seed=lanes, stall=0.3)
     first = max_tokens * hidden // lanes
