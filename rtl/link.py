@@ -9,7 +9,9 @@ receiver's ACKs and NAKs; :class:`Link` joins them to :class:`.uart.UartRx` /
 answers HELLO with IDENTIFY. The protocol constants come from ``host.link``, the reference.
 """
 
-from amaranth import Array, Cat, Const, Module, Mux, Signal, unsigned
+import hashlib
+
+from amaranth import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -21,7 +23,7 @@ from .expert_stream import CRC_RESIDUE
 from .uart import UartRx, UartTx
 
 __all__ = ["MessageByte", "SendByte", "Control", "LINK_STATS", "FrameRx", "FrameTx", "Link",
-           "DEVICE_TYPES"]
+           "DEVICE_TYPES", "IDENTITY_ROM_DEPTH", "identity_rom"]
 
 #: A byte of a received message on :attr:`FrameRx.o`: the message ``type``, the byte, ``last``
 #: on the message's last byte (the last of a frame without ``MORE``), ``empty`` on the single
@@ -49,6 +51,29 @@ _STATS = data.StructLayout({"bad": unsigned(16), "busy": unsigned(16),
 LINK_STATS = data.StructLayout({**{name: unsigned(16) for name in _STATS.members},
                                 "resent": unsigned(16), "framing": unsigned(16),
                                 "overrun": unsigned(16)})
+
+
+#: Bytes of the IDENTIFY ROM: 512 x 8 bits is one SB_RAM40_4K on iCE40 and fits one DP16KD on
+#: ECP5, and is a whole number of the bit slices the bitstream patchers (icebram: 256 words,
+#: ecpbram: 512 words) look for.
+IDENTITY_ROM_DEPTH = 512
+
+
+def identity_rom(identity):
+    """The contents of :class:`Link`'s IDENTIFY ROM for the IDENTIFY payload ``identity``:
+    its bytes, then a fill up to :data:`IDENTITY_ROM_DEPTH` bytes that is the same for every
+    identity (SHAKE-256 of a fixed string). The fill makes every bit column of the ROM
+    pseudo-random, so synthesis keeps the memory whole (no constant bit is optimized away) and
+    a bitstream patcher finds these contents in exactly one block RAM; a build replaces them
+    with those of another identity of the same length (boards/build.py puts the achieved
+    Fmax in).
+    """
+    identity = bytes(identity)
+    if not 1 <= len(identity) <= IDENTITY_ROM_DEPTH:
+        raise ValueError(f"identity must have 1..{IDENTITY_ROM_DEPTH} bytes, not "
+                         f"{len(identity)}")
+    fill = hashlib.shake_256(b"moefpga IDENTIFY ROM").digest(IDENTITY_ROM_DEPTH)
+    return list(identity + fill[len(identity):])
 
 
 def _check_payload(max_payload):
@@ -370,7 +395,9 @@ class Link(wiring.Component):
     bytes) as the next message, ahead of ``i`` (which is not ready meanwhile; a message of
     ``i`` that began before the HELLO is dropped with the transmitter's buffer, the rest of it
     is sent). ``types`` are the message types delivered on ``o``; others are acknowledged and
-    dropped.
+    dropped. The IDENTIFY bytes are read from a ROM in one block RAM whose contents are
+    :attr:`rom_init` (:func:`identity_rom` of ``identity``, 1..512 bytes), so a finished
+    bitstream can be given other ones of the same length.
 
     Members
     -------
@@ -388,8 +415,7 @@ class Link(wiring.Component):
 
     def __init__(self, *, divisor, identity, ack_timeout, retries=8, max_payload=MAX_PAYLOAD,
                  types=DEVICE_TYPES):
-        if not identity:
-            raise ValueError("identity must not be empty")
+        self.rom_init = identity_rom(identity)
         self.divisor, self.identity = divisor, bytes(identity)
         self.rx_side = FrameRx(max_payload=max_payload, types=types)
         self.tx_side = FrameTx(max_payload=max_payload, ack_timeout=ack_timeout,
@@ -428,19 +454,28 @@ class Link(wiring.Component):
             with m.If(strobe):
                 m.d.sync += self.stats[name].eq(self.stats[name] + 1)
 
-        # IDENTIFY goes in at a message boundary of ``i``.
-        rom = Array(Const(byte, 8) for byte in self.identity)
+        # IDENTIFY goes in at a message boundary of ``i``. Its bytes come from a block RAM ROM
+        # (boards/build.py patches them in the bitstream); ``rom`` reads the byte at ``index``
+        # one cycle ahead, so ``rd.data`` is always the byte at ``index``.
+        m.submodules.rom = rom = Memory(shape=8, depth=IDENTITY_ROM_DEPTH,
+                                        init=self.rom_init)
+        rd = rom.read_port()
         identify, sending_id = Signal(), Signal()
         inside = Signal()                   # a message of ``i`` has begun and not ended
-        index = Signal(range(len(self.identity)))
+        # The full address width, so no synthesis may drop the fill as unaddressed (Yosys 0.70
+        # keeps it even behind a 5-bit address; the patch checks that the whole ROM is there).
+        index = Signal(range(IDENTITY_ROM_DEPTH))
+        next_index = Signal.like(index)
+        last = index == len(self.identity) - 1
+        m.d.comb += [next_index.eq(index), rd.addr.eq(next_index)]
+        m.d.sync += index.eq(next_index)
         with m.If(sending_id):
             m.d.comb += [tx.i.valid.eq(1), tx.i.payload.type.eq(int(Type.IDENTIFY)),
-                         tx.i.payload.data.eq(rom[index]),
-                         tx.i.payload.last.eq(index == len(self.identity) - 1)]
+                         tx.i.payload.data.eq(rd.data), tx.i.payload.last.eq(last)]
             with m.If(tx.i.ready):
-                m.d.sync += index.eq(index + 1)
-                with m.If(tx.i.payload.last):
-                    m.d.sync += [sending_id.eq(0), index.eq(0)]
+                m.d.comb += next_index.eq(Mux(last, 0, index + 1))
+                with m.If(last):
+                    m.d.sync += sending_id.eq(0)
         with m.Else():
             wiring.connect(m, wiring.flipped(self.i), tx.i)
             with m.If(self.i.valid & self.i.ready):
@@ -449,5 +484,6 @@ class Link(wiring.Component):
                 m.d.comb += [tx.i.valid.eq(0), self.i.ready.eq(0)]
                 m.d.sync += [identify.eq(0), sending_id.eq(1)]
         with m.If(rx.hello):
-            m.d.sync += [identify.eq(1), sending_id.eq(0), index.eq(0), inside.eq(0)]
+            m.d.comb += next_index.eq(0)
+            m.d.sync += [identify.eq(1), sending_id.eq(0), inside.eq(0)]
         return m
