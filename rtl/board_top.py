@@ -172,7 +172,9 @@ class BoardTop(wiring.Component):
     layer and the message adapters around it (the slots are emptied, the counters cleared).
     ``load_timeout`` goes to the layer's port of that name (cycles to wait for a requested
     record; 0 waits forever). ``fmax_khz`` is reported in IDENTIFY as the clock place and route
-    achieved (0: unknown, as in a simulation). ``slot_memory`` and ``spram_model`` go to the
+    achieved (0: unknown, as in a simulation; a board build synthesizes 0 and writes the measured
+    value into the IDENTIFY ROM of the finished bitstream, ``boards.build.patch_identity``).
+    ``slot_memory`` and ``spram_model`` go to the
     layer (where its slots keep weight beats; the SPRAM model a simulation builds instead of the
     primitive).
 

@@ -319,3 +319,38 @@ def test_survey_units_build_and_unknown_ones_are_errors():
         "SparseMatmulEngine", "ExpertFFN", "ExpertSlots", "Router", "MoeLayer"]
     with pytest.raises(BoardError, match="unknown unit 'alu'"):
         unit("alu", cfg)
+
+
+#: nextpnr-ice40's utilisation table from the iCEBreaker board top of commit 9180c39.
+UP5K_OVERFULL_LOG = """Info: Device utilisation:
+Info: \t         ICESTORM_LC:   19726/   5280   373%
+Info: \t        ICESTORM_RAM:      46/     30   153%
+Info: \t               SB_IO:       5/     39    12%
+Info: \t               SB_GB:       8/      8   100%
+Info: \t        ICESTORM_DSP:      44/      8   550%
+Info: \t      ICESTORM_SPRAM:       4/      4   100%
+ERROR: Unable to place cell 'x_DSP', no BELs remaining to implement cell type 'ICESTORM_DSP'
+"""
+
+
+def test_overused_names_what_the_device_lacks():
+    assert build.overused(UP5K_OVERFULL_LOG) == [
+        ("ICESTORM_LC", 19726, 5280), ("ICESTORM_RAM", 46, 30), ("ICESTORM_DSP", 44, 8)]
+    assert build.overused(UP5K_OVERFULL_LOG.replace("19726", "5280").replace(
+        "46/", "30/").replace("44/", "8/")) == []
+
+
+def test_a_design_that_does_not_fit_is_one_error_naming_the_resources(tmp_path, monkeypatch):
+    def tools(name, args, *, cwd, timeout, **kwargs):
+        if "nextpnr" in name:
+            (cwd / "top.tim").write_text(UP5K_OVERFULL_LOG)
+            raise BoardError(f"{name} failed (exit 1):\nERROR: Unable to place cell")
+        return ""
+
+    monkeypatch.setattr(build, "run_tool", tools)
+    monkeypatch.setattr(build, "make_core", lambda cfg, name, hz: DevelopmentHarness(_Pair()))
+    with pytest.raises(BoardError) as error:
+        build.build(load_board("icebreaker"), root=tmp_path, log=lambda *a, **k: None)
+    assert str(error.value).startswith(
+        "icebreaker: the board top does not fit the iCE40UP5K: ICESTORM_LC 19726/5280 (373 %), "
+        "ICESTORM_RAM 46/30 (153 %), ICESTORM_DSP 44/8 (550 %); see docs/boards.md")
