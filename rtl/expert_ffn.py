@@ -227,7 +227,7 @@ class ExpertFFN(wiring.Component):
 
     #: Cycles of an expert command beyond its loads, the engine's beats and the two runs'
     #: last results passing the serializer, ``lanes`` cycles each (docs/ffn.md).
-    OVERHEAD = 27
+    OVERHEAD = 29
 
     def __init__(self, **kwargs):
         self.params = p = ExpertFfnParams(**kwargs)

@@ -221,7 +221,7 @@ class SparseMatmulEngine(wiring.Component):
     """
 
     #: Cycles from accepting a run command to sending its last result, beyond one per beat.
-    LATENCY = 5
+    LATENCY = 6
 
     def __init__(self, **kwargs):
         self.params = p = SparseMatmulParams(**kwargs)
@@ -337,16 +337,28 @@ class SparseMatmulEngine(wiring.Component):
                 streamed.eq(first_token),
                 w_beat.eq(self.w.payload),
             ]
-        entries = weights.shape(Mux(streamed, w_beat.entries, weights_r.data))
-        mant    = mants.shape(Mux(streamed, w_beat.mant, mants_r.data))
+
+        # Stage 0': the activations and the beat's weights registered, which keeps the memories'
+        # clock-to-out and the streamed-or-buffered select off the multipliers' path.
+        lane_step = Signal(LaneStep)
+        lane_acts = Signal.like(acts_r.data)
+        entries   = Signal(weights.shape)
+        mant      = Signal(mants.shape)
+        with m.If(en):
+            m.d.sync += [
+                lane_step.eq(step),
+                lane_acts.eq(acts_r.data),
+                entries.eq(Mux(streamed, w_beat.entries, weights_r.data)),
+                mant.eq(Mux(streamed, w_beat.mant, mants_r.data)),
+            ]
 
         lanes = [MacLane(p) for _ in range(p.lanes)]
         for lane_index, lane in enumerate(lanes):
             m.submodules[f"lane{lane_index}"] = lane
             m.d.comb += [
                 lane.en.eq(en),
-                lane.step.eq(step),
-                lane.acts.eq(acts_r.data),
+                lane.step.eq(lane_step),
+                lane.acts.eq(lane_acts),
                 lane.entries.eq(entries[lane_index]),
                 lane.mant.eq(mant[lane_index]),
                 self.o.payload[lane_index].eq(lane.acc),
