@@ -143,7 +143,8 @@ class ExpertLoader(wiring.Component):
         })
 
     def _verdict(self, m, h):
-        """The :class:`StatusKind` of header ``h`` (a view), before its payload is seen."""
+        """The :class:`StatusKind` of header ``h`` (a view), before its payload is seen; valid
+        two cycles after ``h`` last changed."""
         p, e = self.params, self.params.engine
         step = math.lcm(p.group_size, p.lanes)
 
@@ -156,9 +157,14 @@ class ExpertLoader(wiring.Component):
                     | (h.layer >= self.layers)
                     | (h.expert >= self.experts) & (h.expert != SHARED_EXPERT)
                     | ~Cat(h[key].mult[-1] for key in _MULTS).all())
+        # The length check in two registered steps (two multiplies are too long for one cycle):
+        # it is valid two cycles after the header's last byte.
         pm = p.lanes * p.m
         d, f = h.hidden[:bits_for(p.hidden)], h.ffn[:bits_for(p.ffn)]
-        length_ok = h.payload_bytes * pm == 3 * beat_bytes(p) * d * f + SILU_ENTRIES * pm
+        df, length_ok = Signal(range(p.hidden * p.ffn + 1)), Signal()
+        m.d.sync += [df.eq(d * f),
+                     length_ok.eq(h.payload_bytes * pm == 3 * beat_bytes(p) * df
+                                  + SILU_ENTRIES * pm)]
         verdict = Signal(StatusKind)
         with m.If(h.magic != MAGIC):
             m.d.comb += verdict.eq(StatusKind.BAD_MAGIC)
@@ -219,7 +225,12 @@ class ExpertLoader(wiring.Component):
                         end(StatusKind.BAD_LENGTH)
                     with m.Elif(count == HEADER_BYTES - 1):
                         m.d.sync += count.eq(0)
-                        m.next = "CHECK"
+                        m.next = "LENGTH"
+            with m.State("LENGTH"):
+                m.d.sync += count.eq(count + 1)
+                with m.If(count == 1):
+                    m.d.sync += count.eq(0)
+                    m.next = "CHECK"
             with m.State("CHECK"):
                 m.d.sync += kind.eq(verdict)
                 with m.If(verdict == StatusKind.OK):

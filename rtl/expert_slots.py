@@ -17,6 +17,7 @@ from ..hls_models.intmodel import ACT_BITS
 from .expert_ffn import read_stage
 from .expert_ffn_params import SILU_ENTRIES
 from .single_port_memory import SPRAM_DEPTH, SPRAM_WIDTH, SinglePortMemory
+from .skid_buffer import SkidBuffer
 
 __all__ = ["ExpertSlots", "LoadOp", "EventKind", "COUNTER_BITS", "MEMORY_KINDS",
            "DualPortBeatStore", "SpramBeatStore"]
@@ -232,8 +233,9 @@ class ExpertSlots(wiring.Component):
     in the order they are taken: one taken while another runs is *queued* and starts when that
     one ends. A valid slot becomes the most recently used slot and in use when its read is
     taken; its 256 SiLU entries stream on ``silu`` and its weight beats on ``w`` (independently,
-    in the formats :class:`.expert_ffn.ExpertFFN` consumes), and it stays in use until both last
-    beats have been taken. A slot that is not valid (or does not exist) gives a ``REFUSED``
+    in the formats :class:`.expert_ffn.ExpertFFN` consumes; ``w`` leaves through a
+    :class:`.skid_buffer.SkidBuffer`, so nothing on it is combinational from the memory or to
+    its read enables), and it stays in use until both last beats have been taken. A slot that is not valid (or does not exist) gives a ``REFUSED``
     event and no beats.
 
     **Residency**: ``resident`` has bit ``e`` set when expert ``e`` of layer ``resident_layer``
@@ -351,6 +353,11 @@ class ExpertSlots(wiring.Component):
             w_store = DualPortBeatStore(self.params.engine.weight_beat, S * cap)
         m.submodules.w_store = w_store
         silu_wr, silu_rd = silu_mem.write_port(), silu_mem.read_port()
+        # The weight beats leave through registers: the beat store's read multiplexer (over
+        # every block RAM of the slots) and the consumer's logic are then on separate paths.
+        m.submodules.w_out = w_out = SkidBuffer(self.params.engine.weight_beat)
+        wiring.connect(m, w_out.o, wiring.flipped(self.w))
+        w_read = w_out.i
 
         # The table; `bases` are the slots' first weight-beat addresses (constants, no multiply).
         bases  = Array(Const(s * cap, range(S * cap + 1)) for s in range(S))
@@ -519,7 +526,7 @@ class ExpertSlots(wiring.Component):
         r_addr = Signal(range(S * cap + 1))
         ending = Signal()
         m.d.comb += ending.eq(r_active & (silu_i == SILU_ENTRIES) & ~self.silu.valid
-                              & (w_left == 0) & ~self.w.valid)
+                              & (w_left == 0) & ~w_read.valid & ~self.w.valid)
         next_slot = Mux(q_valid, q_slot, take_slot)
         with m.If(~r_active | ending):
             m.d.sync += [r_active.eq(q_valid | take), q_valid.eq(0)]
@@ -531,14 +538,14 @@ class ExpertSlots(wiring.Component):
         with m.If(read_stage(m, silu_rd.en, self.silu.valid, self.silu.ready,
                               r_active & (silu_i != SILU_ENTRIES))):
             m.d.sync += silu_i.eq(silu_i + 1)
-        with m.If(read_stage(m, w_store.r_en, self.w.valid, self.w.ready,
+        with m.If(read_stage(m, w_store.r_en, w_read.valid, w_read.ready,
                               r_active & (w_left != 0), accepted=w_store.r_ready)):
             m.d.sync += [w_left.eq(w_left - 1), r_addr.eq(r_addr + 1)]
         m.d.comb += [
             silu_rd.addr.eq(Cat(silu_i[:ACT_BITS], r_slot)),
             w_store.r_addr.eq(r_addr),
             self.silu.payload.eq(silu_rd.data),
-            self.w.payload.eq(w_store.r_data),
+            w_read.payload.eq(w_store.r_data),
             in_use.eq(Mux(r_active, _onehot(r_slot, S), 0) | Mux(q_valid, _onehot(q_slot, S), 0)),
         ]
         return m
