@@ -217,14 +217,18 @@ class BoardTop(wiring.Component):
         m = Module()
         link, layer = self.link, self.layer
         device = _Device(layer)
+        # The reset reaches every flip-flop of the layer, so it comes from a register (the
+        # cycle after the HELLO or RESET), and the device takes no byte while it is pending.
         reset = Signal()
         m.submodules.link = link
         m.submodules.device = ResetInserter(reset)(device)
-        m.d.comb += [reset.eq(link.hello | device.reset),
-                     link.rx.eq(self.rx), self.tx.eq(link.tx),
+        m.d.sync += reset.eq(link.hello | device.reset)
+        m.d.comb += [link.rx.eq(self.rx), self.tx.eq(link.tx),
                      self.busy.eq(layer.busy), self.gave_up.eq(link.gave_up)]
         if "load_timeout" in layer.signature.members:
             m.d.comb += layer.load_timeout.eq(self.load_timeout)
-        wiring.connect(m, link.o, device.o)
+        m.d.comb += [device.o.valid.eq(link.o.valid & ~reset),
+                     device.o.payload.eq(link.o.payload),
+                     link.o.ready.eq(device.o.ready & ~reset)]
         wiring.connect(m, device.i, link.i)
         return m
