@@ -13,6 +13,7 @@ from amaranth.lib.wiring import In, Out
 from ..hls_models.intmodel import ACT_BITS, OUT_BITS, PROB_FRAC_BITS, UP_BITS
 from .expert_ffn_params import COMBINE_BITS, SILU_ENTRIES, WEIGHT_BITS, ExpertFfnParams
 from .requant import SHIFT_BITS, Requantizer, saturated
+from .skid_buffer import SkidBuffer
 from .sparse_matmul import SparseMatmulEngine
 
 __all__ = ["Combiner", "ExpertFFN", "read_stage"]
@@ -197,8 +198,9 @@ class ExpertFFN(wiring.Component):
     than ``lanes`` beats (``hidden`` or ``ffn`` below ``lanes * m``).
 
     An *emit* command sends ``saturate(round_shift(acc, 15), 32)`` for slots ``0..tokens-1`` on
-    ``o`` (``lanes`` elements a beat, slot by slot) and clears those accumulators
-    (``intmodel.combine`` over every expert run since the last emit).
+    ``o`` (``lanes`` elements a beat, slot by slot, through a :class:`.skid_buffer.SkidBuffer`)
+    and clears those accumulators (``intmodel.combine`` over every expert run since the last
+    emit).
 
     Every input may stall and ``o`` may be back-pressured at any cycle; the next command is
     accepted once an expert's last output is accumulated, or once an emit has sent its last beat.
@@ -266,7 +268,11 @@ class ExpertFFN(wiring.Component):
                                                     hidden=p.hidden)
         wiring.connect(m, wiring.flipped(self.w), engine.w)
         m.d.comb += self.issue.eq(engine.issue)
-        wiring.connect(m, combiner.o, wiring.flipped(self.o))
+        # The emitted sums leave through registers: the accumulator memory's read, the rounding
+        # and the saturation are a path of their own.
+        m.submodules.o_buffer = o_buffer = SkidBuffer(p.output_beat)
+        wiring.connect(m, combiner.o, o_buffer.i)
+        wiring.connect(m, o_buffer.o, wiring.flipped(self.o))
         m.submodules.rq_acc = rq1 = Requantizer(p.acc_bits, OUT_BITS, SHIFT_BITS + 1,
                                                 pipelined=True)
         m.submodules.rq_hidden = rq2 = Requantizer(ACT_BITS + UP_BITS, ACT_BITS, SHIFT_BITS,

@@ -242,12 +242,12 @@ class Router(wiring.Component):
         """Cycles from the first value of a token accepted to its last output taken, when no
         stream stalls; the next token's first value is accepted one cycle later.
 
-        ``ceil(rows / macs) * (hidden + 1) + rows`` to accumulate and requantize the logits,
+        ``ceil(rows / macs) * (hidden + 2) + rows`` to accumulate and requantize the logits,
         ``k + gate + (0 if normalize else experts)`` exp evaluations, 18 cycles per division
         (``k + gate`` of them) and 8 cycles of pipeline latency (docs/router.md).
         """
         outputs = self.top_k + self.shared_gate
-        return (self.groups * (self.hidden + 1) + self.rows
+        return (self.groups * (self.hidden + 2) + self.rows
                 + outputs + (0 if normalize else self.experts)
                 + (_WEIGHT_BITS + 2) * outputs + 8)
 
@@ -281,7 +281,9 @@ class Router(wiring.Component):
         exp_t = Signal(signed(_EXP_BITS))
         x     = Signal(signed(TOKEN_BITS))
         accs  = [Signal(signed(self.acc_bits), name=f"acc{j}") for j in range(macs)]
-        mac   = Signal()
+        prods = [Signal(signed(2 * TOKEN_BITS), name=f"prod{j}") for j in range(macs)]
+        mac   = Signal()                          # the products of a step are registered
+        add   = Signal()                          # they accumulate
         zrow  = Signal(range(rows + 1))           # logits out of the requantizer
         exps  = k + gate + Mux(self.normalize, 0, experts)
         issue = Signal(range(k + gate + experts + 1))
@@ -301,7 +303,7 @@ class Router(wiring.Component):
             ]
             with m.If(group == 0):
                 m.d.sync += x.eq(self.i.payload.value)
-        m.d.sync += mac.eq(step)
+        m.d.sync += [mac.eq(step), add.eq(mac)]
         m.d.comb += weight_rd.addr.eq(addr)
         if self.groups > 1:
             m.submodules.tokens = tokens = Memory(shape=signed(TOKEN_BITS), depth=d, init=[])
@@ -317,7 +319,9 @@ class Router(wiring.Component):
         else:
             operand = x
         with m.If(mac):
-            m.d.sync += [acc.eq(acc + weight_rd.data[j] * operand) for j, acc in enumerate(accs)]
+            m.d.sync += [prod.eq(weight_rd.data[j] * operand) for j, prod in enumerate(prods)]
+        with m.If(add):
+            m.d.sync += [acc.eq(acc + prod) for acc, prod in zip(accs, prods, strict=True)]
 
         mult = self.router_mult
         if gate:
@@ -414,7 +418,10 @@ class Router(wiring.Component):
                 with m.If(step & last_col):
                     m.next = "FLUSH"
 
-            with m.State("FLUSH"):                # the group's last product accumulates
+            with m.State("FLUSH"):                # the group's last products are registered
+                m.next = "ACCUMULATE"
+
+            with m.State("ACCUMULATE"):           # and accumulate
                 m.next = "DRAIN"
 
             with m.State("DRAIN"):                # the group's accumulators to the requantizer
