@@ -65,9 +65,12 @@ class Combiner(wiring.Component):
     ``0..blocks-1`` in order, ``saturate(round_shift(acc, 15), 32)`` of each block's ``lanes``
     accumulators on ``o`` and clears them: that is ``intmodel.combine``.
 
-    ``y`` is ready in every cycle except while a command runs; ``o`` may be back-pressured at
-    any cycle. Accumulating into the same word in consecutive cycles is exact (the read port
-    is transparent to the accumulator write).
+    ``y`` is ready in every cycle except while a command runs; a command is taken once the
+    accumulations in flight are written (two cycles after the last ``y`` beat); ``o`` may be
+    back-pressured at any cycle. An accumulation takes three steps (read, register, add and
+    write), so accumulating into the same element in consecutive cycles is exact by
+    forwarding the write of the step before (the read port is transparent to the one before
+    that).
 
     Parameters
     ----------
@@ -122,7 +125,9 @@ class Combiner(wiring.Component):
         clear_addr = Signal.like(wr.addr)
         m.d.sync += clear.eq(0)
 
-        # Accumulation: read the element's word while its product is registered.
+        # Accumulation in three steps: the element's word is read while its product is
+        # registered; the word is registered; the sum is written. The one write the word read
+        # cannot have seen, that of the step before, is forwarded.
         adding   = Signal()
         add_addr = Signal.like(wr.addr)
         add_lane = Signal.like(self.y.payload.lane)
@@ -132,16 +137,31 @@ class Combiner(wiring.Component):
             m.d.sync += [add_addr.eq(self.y.payload.slot * self.blocks + self.y.payload.block),
                          add_lane.eq(self.y.payload.lane),
                          product.eq(self.y.payload.value * self.y.payload.weight)]
+        summing  = Signal()
+        word     = Signal.like(rd.data)
+        sum_addr = Signal.like(add_addr)
+        sum_lane = Signal.like(add_lane)
+        addend   = Signal.like(product)
+        m.d.sync += [summing.eq(adding), word.eq(rd.data), sum_addr.eq(add_addr),
+                     sum_lane.eq(add_lane), addend.eq(product)]
+        last_valid = Signal()
+        last_addr  = Signal.like(add_addr)
+        last_lane  = Signal.like(add_lane)
+        last_sum   = Signal(signed(COMBINE_BITS))
+        forward = last_valid & (last_addr == sum_addr) & (last_lane == sum_lane)
+        total = Mux(forward, last_sum, word[sum_lane]) + addend
+        m.d.sync += [last_valid.eq(summing), last_addr.eq(sum_addr), last_lane.eq(sum_lane),
+                     last_sum.eq(total)]
 
         with m.FSM():
             with m.State("ADD"):
                 m.d.comb += [
-                    self.cmd.ready.eq(1),
+                    self.cmd.ready.eq(~adding & ~summing),
                     self.y.ready.eq(1),
                     rd.en.eq(1),
                     rd.addr.eq(self.y.payload.slot * self.blocks + self.y.payload.block),
                 ]
-                with m.If(self.cmd.valid):
+                with m.If(self.cmd.valid & self.cmd.ready):
                     m.d.sync += [tokens.eq(self.cmd.payload.tokens),
                                  blocks.eq(self.cmd.payload.blocks),
                                  slot.eq(0), block.eq(0), issued.eq(0)]
@@ -164,15 +184,14 @@ class Combiner(wiring.Component):
                     m.next = "ADD"
 
         half = 1 << (PROB_FRAC_BITS - 1)
-        total = rd.data[add_lane] + product
         for p in range(self.lanes):
             acc = rd.data[p]
             m.d.comb += [
                 self.o.payload[p].eq(saturated((acc + half) >> PROB_FRAC_BITS, OUT_BITS)),
                 wr.data[p].eq(Mux(clear, 0, total)),
-                wr.en[p].eq(clear | (adding & (add_lane == p))),
+                wr.en[p].eq(clear | (summing & (sum_lane == p))),
             ]
-        m.d.comb += wr.addr.eq(Mux(clear, clear_addr, add_addr))
+        m.d.comb += wr.addr.eq(Mux(clear, clear_addr, sum_addr))
         return m
 
 
@@ -229,7 +248,7 @@ class ExpertFFN(wiring.Component):
 
     #: Cycles of an expert command beyond its loads, the engine's beats and the two runs'
     #: last results passing the serializer, ``lanes`` cycles each (docs/ffn.md).
-    OVERHEAD = 29
+    OVERHEAD = 31
 
     def __init__(self, **kwargs):
         self.params = p = ExpertFfnParams(**kwargs)
