@@ -66,7 +66,8 @@ class Combiner(wiring.Component):
     accumulators on ``o`` and clears them: that is ``intmodel.combine``.
 
     ``y`` is ready in every cycle except while a command runs; a command is taken once the
-    accumulations in flight are written (two cycles after the last ``y`` beat); ``o`` may be
+    accumulations in flight are written (in the third cycle after the last ``y`` beat) and no
+    ``y`` beat is offered with it; ``o`` may be
     back-pressured at any cycle. An accumulation takes three steps (read, register, add and
     write), so accumulating into the same element in consecutive cycles is exact by
     forwarding the write of the step before (the read port is transparent to the one before
@@ -156,7 +157,7 @@ class Combiner(wiring.Component):
         with m.FSM():
             with m.State("ADD"):
                 m.d.comb += [
-                    self.cmd.ready.eq(~adding & ~summing),
+                    self.cmd.ready.eq(~adding & ~summing & ~self.y.valid),
                     self.y.ready.eq(1),
                     rd.en.eq(1),
                     rd.addr.eq(self.y.payload.slot * self.blocks + self.y.payload.block),
@@ -222,7 +223,8 @@ class ExpertFFN(wiring.Component):
     emit).
 
     Every input may stall and ``o`` may be back-pressured at any cycle; the next command is
-    accepted once an expert's last output is accumulated, or once an emit has sent its last beat.
+    accepted once an expert's last output is accumulated, or once an emit has passed its last
+    beat to the output buffer.
     The tokens of one expert command must go to distinct slots.
 
     Parameters

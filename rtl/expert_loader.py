@@ -158,7 +158,7 @@ class ExpertLoader(wiring.Component):
                     | (h.expert >= self.experts) & (h.expert != SHARED_EXPERT)
                     | ~Cat(h[key].mult[-1] for key in _MULTS).all())
         # The length check in two registered steps (two multiplies are too long for one cycle):
-        # it is valid two cycles after the header's last byte.
+        # it is valid in the third cycle after the header's last byte is taken.
         pm = p.lanes * p.m
         d, f = h.hidden[:bits_for(p.hidden)], h.ffn[:bits_for(p.ffn)]
         df, length_ok = Signal(range(p.hidden * p.ffn + 1)), Signal()

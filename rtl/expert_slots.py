@@ -235,8 +235,8 @@ class ExpertSlots(wiring.Component):
     taken; its 256 SiLU entries stream on ``silu`` and its weight beats on ``w`` (independently,
     in the formats :class:`.expert_ffn.ExpertFFN` consumes; ``w`` leaves through a
     :class:`.skid_buffer.SkidBuffer`, so nothing on it is combinational from the memory or to
-    its read enables), and it stays in use until both last beats have been taken. A slot that is not valid (or does not exist) gives a ``REFUSED``
-    event and no beats.
+    its read enables), and it stays in use until both last beats have been taken. A slot that
+    is not valid (or does not exist) gives a ``REFUSED`` event and no beats.
 
     **Residency**: ``resident`` has bit ``e`` set when expert ``e`` of layer ``resident_layer``
     is valid in some slot (combinational, from the table as it stands).

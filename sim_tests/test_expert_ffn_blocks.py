@@ -15,20 +15,25 @@ ONE = 1 << PROB_FRAC_BITS
 Y_MIN, Y_MAX = -(1 << 31), (1 << 31) - 1
 
 
-def _run(dut, phases, *, seed, stall):
+def _run(dut, phases, *, seed, stall, emit_with_last=False):
     """For each phase ``(adds, (tokens, blocks))``: send ``adds`` (slot, block, lane, weight,
-    value) on ``y``, then the emit command on ``cmd``. Returns every payload received on ``o``."""
+    value) on ``y``, then the emit command on ``cmd`` (offered in the same cycle as the last add
+    with ``emit_with_last``). Returns every payload received on ``o``."""
     rng = np.random.default_rng(seed)
     received = []
     expected = sum(tokens * blocks for _, (tokens, blocks) in phases)
 
     async def source(ctx):
         for adds, (tokens, blocks) in phases:
-            for slot, block, lane, weight, value in adds:
+            for index, (slot, block, lane, weight, value) in enumerate(adds):
                 while rng.random() < stall:
                     await ctx.tick()
                 ctx.set(dut.y.payload, {"slot": slot, "block": block, "lane": lane,
                                         "weight": weight, "value": value})
+                if emit_with_last and index == len(adds) - 1:
+                    await ctx.tick().repeat(3)          # nothing left in flight but this add
+                    ctx.set(dut.cmd.payload, {"tokens": tokens, "blocks": blocks})
+                    ctx.set(dut.cmd.valid, 1)
                 ctx.set(dut.y.valid, 1)
                 await ctx.tick().until(dut.y.ready)
                 ctx.set(dut.y.valid, 0)
@@ -87,3 +92,14 @@ def _check(got, expected):
     assert not len(mismatch), (f"{len(mismatch)} outputs differ, first at "
                                f"{tuple(mismatch[0])}: {got[tuple(mismatch[0])]} != "
                                f"{expected[tuple(mismatch[0])]}")
+
+
+def test_an_emit_offered_with_the_last_add_waits_for_it():
+    """The emit command offered in the same cycle as the last add, with nothing else in flight,
+    still sees that add in its sums."""
+    lanes, max_tokens = 2, 2
+    dut = Combiner(lanes=lanes, max_tokens=max_tokens, hidden=2 * lanes)
+    adds = [(t, b, lane, ONE, 1000 * t + 10 * b + lane + 1) for t in range(max_tokens)
+            for b in range(2) for lane in range(lanes)]
+    got = _run(dut, [(adds, (max_tokens, 2))], seed=0, stall=0, emit_with_last=True)
+    _check(got.reshape(-1), np.array([value for *_, value in adds]))
