@@ -242,12 +242,12 @@ class Router(wiring.Component):
         """Cycles from the first value of a token accepted to its last output taken, when no
         stream stalls; the next token's first value is accepted one cycle later.
 
-        ``ceil(rows / macs) * (hidden + 2) + rows`` to accumulate and requantize the logits,
+        ``ceil(rows / macs) * (hidden + 3) + rows`` to accumulate and requantize the logits,
         ``k + gate + (0 if normalize else experts)`` exp evaluations, 18 cycles per division
         (``k + gate`` of them) and 8 cycles of pipeline latency (docs/router.md).
         """
         outputs = self.top_k + self.shared_gate
-        return (self.groups * (self.hidden + 2) + self.rows
+        return (self.groups * (self.hidden + 3) + self.rows
                 + outputs + (0 if normalize else self.experts)
                 + (_WEIGHT_BITS + 2) * outputs + 8)
 
@@ -282,7 +282,10 @@ class Router(wiring.Component):
         x     = Signal(signed(TOKEN_BITS))
         accs  = [Signal(signed(self.acc_bits), name=f"acc{j}") for j in range(macs)]
         prods = [Signal(signed(2 * TOKEN_BITS), name=f"prod{j}") for j in range(macs)]
-        mac   = Signal()                          # the products of a step are registered
+        w_op  = Signal.like(weight_rd.data)       # a step's operands, registered
+        x_op  = Signal(signed(TOKEN_BITS))
+        fetch = Signal()                          # the operands of a step are registered
+        mac   = Signal()                          # its products are registered
         add   = Signal()                          # they accumulate
         zrow  = Signal(range(rows + 1))           # logits out of the requantizer
         exps  = k + gate + Mux(self.normalize, 0, experts)
@@ -303,7 +306,7 @@ class Router(wiring.Component):
             ]
             with m.If(group == 0):
                 m.d.sync += x.eq(self.i.payload.value)
-        m.d.sync += [mac.eq(step), add.eq(mac)]
+        m.d.sync += [fetch.eq(step), mac.eq(fetch), add.eq(mac)]
         m.d.comb += weight_rd.addr.eq(addr)
         if self.groups > 1:
             m.submodules.tokens = tokens = Memory(shape=signed(TOKEN_BITS), depth=d, init=[])
@@ -318,8 +321,10 @@ class Router(wiring.Component):
             operand = Mux(group == 0, x, token_rd.data)
         else:
             operand = x
+        with m.If(fetch):
+            m.d.sync += [w_op.eq(weight_rd.data), x_op.eq(operand)]
         with m.If(mac):
-            m.d.sync += [prod.eq(weight_rd.data[j] * operand) for j, prod in enumerate(prods)]
+            m.d.sync += [prod.eq(w_op[j] * x_op) for j, prod in enumerate(prods)]
         with m.If(add):
             m.d.sync += [acc.eq(acc + prod) for acc, prod in zip(accs, prods, strict=True)]
 
@@ -392,7 +397,7 @@ class Router(wiring.Component):
                         m.d.sync += [acc.eq(0) for acc in accs]
                         m.next = "MAC"
                         with m.If(last_col):
-                            m.next = "FLUSH"
+                            m.next = "FETCH"
 
             with m.State("LOAD"):
                 m.d.comb += [
@@ -416,9 +421,12 @@ class Router(wiring.Component):
                 m.d.comb += [self.i.ready.eq(group == 0),
                              step.eq((group != 0) | self.i.valid)]
                 with m.If(step & last_col):
-                    m.next = "FLUSH"
+                    m.next = "FETCH"
 
-            with m.State("FLUSH"):                # the group's last products are registered
+            with m.State("FETCH"):                # the group's last operands are registered
+                m.next = "FLUSH"
+
+            with m.State("FLUSH"):                # their products are registered
                 m.next = "ACCUMULATE"
 
             with m.State("ACCUMULATE"):           # and accumulate
