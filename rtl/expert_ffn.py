@@ -58,12 +58,14 @@ class Combiner(wiring.Component):
     """Weighted accumulation of expert outputs per token, and the final rounding to int32.
 
     Holds one ``COMBINE_BITS``-bit accumulator per output slot (``max_tokens``) and hidden
-    element (``hidden``), zero at start, in words of ``lanes`` elements. A beat on ``y`` adds
-    ``weight * value`` to the accumulator of slot ``slot``, element ``block * lanes + lane``
-    (exact: a 48-bit product, sums of up to 9 of them; one multiplier and one adder serve every
-    lane). A command on ``cmd`` sends, for slots ``0..tokens-1`` in order and blocks
-    ``0..blocks-1`` in order, ``saturate(round_shift(acc, 15), 32)`` of each block's ``lanes``
-    accumulators on ``o`` and clears them: that is ``intmodel.combine``.
+    element (``hidden``), in words of ``lanes`` elements. A beat on ``y`` adds ``weight *
+    value`` to the accumulator of slot ``slot``, element ``block * lanes + lane`` (exact: a
+    48-bit product, sums of up to 9 of them; one multiplier and one adder serve every lane). An
+    accumulator starts at, and is cleared to, ``2**14``, the rounding's half, so that the emit
+    is a shift and a saturation without an adder. A command on ``cmd`` sends, for slots
+    ``0..tokens-1`` in order and blocks ``0..blocks-1`` in order, ``saturate(round_shift(sum,
+    15), 32)`` of each block's ``lanes`` sums on ``o`` and clears their accumulators: that is
+    ``intmodel.combine``.
 
     ``y`` is ready in every cycle except while a command runs; a command is taken once the
     accumulations in flight are written (in the third cycle after the last ``y`` beat) and no
@@ -111,9 +113,11 @@ class Combiner(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
+        half = 1 << (PROB_FRAC_BITS - 1)
+        depth = self.max_tokens * self.blocks
         m.submodules.accs = accs = Memory(
             shape=data.ArrayLayout(signed(COMBINE_BITS), self.lanes),
-            depth=self.max_tokens * self.blocks, init=[])
+            depth=depth, init=[[half] * self.lanes] * depth)
         wr = accs.write_port(granularity=1)
         rd = accs.read_port(transparent_for=(wr,))
 
@@ -184,12 +188,10 @@ class Combiner(wiring.Component):
                 with m.If(issued & (~self.o.valid | self.o.ready)):
                     m.next = "ADD"
 
-        half = 1 << (PROB_FRAC_BITS - 1)
         for p in range(self.lanes):
-            acc = rd.data[p]
             m.d.comb += [
-                self.o.payload[p].eq(saturated((acc + half) >> PROB_FRAC_BITS, OUT_BITS)),
-                wr.data[p].eq(Mux(clear, 0, total)),
+                self.o.payload[p].eq(saturated(rd.data[p] >> PROB_FRAC_BITS, OUT_BITS)),
+                wr.data[p].eq(Mux(clear, half, total)),
                 wr.en[p].eq(clear | (summing & (sum_lane == p))),
             ]
         m.d.comb += wr.addr.eq(Mux(clear, clear_addr, sum_addr))

@@ -64,7 +64,7 @@ def test_combiner(lanes, consecutive):
     """Three experts into every slot: random outputs and weights, exact halves of the final
     rounding, int32 saturation both ways; the same accumulator hit in consecutive cycles
     (``consecutive``: expert by expert for each element) or expert after expert. Then the
-    cleared accumulators start again."""
+    cleared accumulators start again, on halves that round."""
     rng = np.random.default_rng(lanes)
     max_tokens, hidden, experts = 4, 4 * lanes, 3
     dut = Combiner(lanes=lanes, max_tokens=max_tokens, hidden=hidden)
@@ -79,12 +79,14 @@ def test_combiner(lanes, consecutive):
     if not consecutive:
         order.sort(key=lambda tkbl: tkbl[1])
     adds = [(t, b, lane, w[t, k], y[t, k, b * lanes + lane]) for t, k, b, lane in order]
-    again = [(t, 0, lane, ONE, y[t, 0, lane]) for t in range(max_tokens) for lane in range(lanes)]
+    again = [(t, 0, lane, ONE // 2, y[t, 0, lane]) for t in range(max_tokens)
+             for lane in range(lanes)]
     got = _run(dut, [(adds, (max_tokens, hidden // lanes)), (again, (max_tokens, 1))],
                seed=lanes, stall=0.3)
     first = max_tokens * hidden // lanes
     _check(got[:first].reshape(max_tokens, hidden), combine(w, y))
-    _check(got[first:].reshape(max_tokens, lanes), y[:, 0, :lanes])
+    _check(got[first:].reshape(max_tokens, lanes),
+           combine(np.full((max_tokens, 1), ONE // 2), y[:, :1, :lanes]))
 
 
 def _check(got, expected):
