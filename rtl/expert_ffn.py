@@ -268,17 +268,20 @@ class ExpertFFN(wiring.Component):
 
     def cycles(self, tokens, hidden, ffn):
         """Cycles from accepting an expert command to accepting the next command, with streams
-        that never stall, when the 256-entry SiLU load is at least as long as the token load
-        and a row is at least ``lanes`` beats (``hidden`` and ``ffn`` at least ``lanes * m``).
+        that never stall, when the 256-entry SiLU load is at least as long as the token load.
 
         The SiLU table (or the tokens), the engine's ``3 * hidden * ffn * tokens / (lanes * m)``
         beats, the hidden activations loaded into the engine, ``lanes`` cycles for each run's
-        last results to pass the serializer, and :data:`OVERHEAD`.
+        last results to pass the serializer, and :data:`OVERHEAD`. Where a row is shorter than
+        ``lanes`` beats, every result of the run but the last waits for the serializer, which
+        takes ``lanes`` cycles a result.
         """
         p = self.params
+        gate_up_wait = (2 * ffn * tokens // p.lanes - 1) * max(0, p.lanes - hidden // p.m)
+        down_wait = (hidden * tokens // p.lanes - 1) * max(0, p.lanes - ffn // p.m)
         return (max(SILU_ENTRIES, tokens * hidden // p.m)
                 + 3 * hidden * ffn * tokens // (p.lanes * p.m) + tokens * ffn // p.m
-                + 2 * p.lanes + self.OVERHEAD)
+                + 2 * p.lanes + self.OVERHEAD + gate_up_wait + down_wait)
 
     def elaborate(self, platform):
         m = Module()

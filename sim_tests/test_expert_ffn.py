@@ -48,6 +48,7 @@ CONFIGS = sweep(
         dict(lanes=1, m=1, n=1, weight_bits=4, group_size=8, max_tokens=2, hidden=16, ffn=24),
         dict(lanes=4, m=8, n=8, weight_bits=8, group_size=16, max_tokens=8, hidden=64,
              ffn=128, acc_bits=32),
+        dict(lanes=8, m=4, n=2, weight_bits=4, group_size=16, max_tokens=3, hidden=16, ffn=16),
     ],
 )
 
