@@ -79,14 +79,14 @@ def test_combiner(lanes, consecutive):
     if not consecutive:
         order.sort(key=lambda tkbl: tkbl[1])
     adds = [(t, b, lane, w[t, k], y[t, k, b * lanes + lane]) for t, k, b, lane in order]
-    again = [(t, 0, lane, ONE // 2, y[t, 0, lane]) for t in range(max_tokens)
-             for lane in range(lanes)]
-    got = _run(dut, [(adds, (max_tokens, hidden // lanes)), (again, (max_tokens, 1))],
-               seed=lanes, stall=0.3)
+    again = [(t, b, lane, ONE // 2, y[t, 0, b * lanes + lane]) for t in range(max_tokens)
+             for b in range(hidden // lanes) for lane in range(lanes)]
+    blocks = (max_tokens, hidden // lanes)
+    got = _run(dut, [(adds, blocks), (again, blocks)], seed=lanes, stall=0.3)
     first = max_tokens * hidden // lanes
     _check(got[:first].reshape(max_tokens, hidden), combine(w, y))
-    _check(got[first:].reshape(max_tokens, lanes),
-           combine(np.full((max_tokens, 1), ONE // 2), y[:, :1, :lanes]))
+    _check(got[first:].reshape(max_tokens, hidden),
+           combine(np.full((max_tokens, 1), ONE // 2), y[:, :1]))
 
 
 def _check(got, expected):
