@@ -219,7 +219,7 @@ class ExpertFFN(wiring.Component):
     token pass through them one lane a cycle, so the engine waits only when a row is shorter
     than ``lanes`` beats (``hidden`` or ``ffn`` below ``lanes * m``).
 
-    An *emit* command sends ``saturate(round_shift(acc, 15), 32)`` for slots ``0..tokens-1`` on
+    An *emit* command sends ``saturate(round_shift(sum, 15), 32)`` for slots ``0..tokens-1`` on
     ``o`` (``lanes`` elements a beat, slot by slot, through a :class:`.skid_buffer.SkidBuffer`)
     and clears those accumulators (``intmodel.combine`` over every expert run since the last
     emit).
