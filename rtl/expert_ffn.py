@@ -62,12 +62,15 @@ class Combiner(wiring.Component):
     value`` to the accumulator of slot ``slot``, element ``block * lanes + lane`` (exact: a
     48-bit product, sums of up to 9 of them; one multiplier and one adder serve every lane). An
     accumulator starts at, and is cleared to, ``2**14``, the rounding's half, so that the emit
-    is a shift and a saturation without an adder. A command on ``cmd`` sends, for slots
+    is a shift and a saturation without an adder: after a reset the Combiner writes that to
+    every accumulator, one word a cycle (``max_tokens * hidden / lanes`` cycles), before it
+    takes anything on ``y`` or ``cmd``. A command on ``cmd`` sends, for slots
     ``0..tokens-1`` in order and blocks ``0..blocks-1`` in order, ``saturate(round_shift(sum,
     15), 32)`` of each block's ``lanes`` sums on ``o`` and clears their accumulators: that is
     ``intmodel.combine``.
 
-    ``y`` is ready in every cycle except while a command runs; a command is taken once the
+    ``y`` is ready in every cycle except during that sweep and while a command runs (the
+    ExpertFFN takes an expert command only when it is); a command is taken once the
     accumulations in flight are written (in the third cycle after the last ``y`` beat) and no
     ``y`` beat is offered with it; ``o`` may be
     back-pressured at any cycle. An accumulation takes three steps (read, register, add and
@@ -90,6 +93,8 @@ class Combiner(wiring.Component):
         ``value``: a signed 32-bit expert output; ``weight``: unsigned Q1.15.
     cmd : In(stream.Signature(StructLayout({"tokens", "blocks"})))
     o : Out(stream.Signature(ArrayLayout(signed(32), lanes)))
+    clearing : Out(1)
+        High during the sweep after a reset.
     """
 
     def __init__(self, *, lanes, max_tokens, hidden):
@@ -109,6 +114,7 @@ class Combiner(wiring.Component):
                 "blocks": range(self.blocks + 1),
             }))),
             "o": Out(stream.Signature(data.ArrayLayout(signed(OUT_BITS), lanes))),
+            "clearing": Out(1),
         })
 
     def elaborate(self, platform):
@@ -117,7 +123,7 @@ class Combiner(wiring.Component):
         depth = self.max_tokens * self.blocks
         m.submodules.accs = accs = Memory(
             shape=data.ArrayLayout(signed(COMBINE_BITS), self.lanes),
-            depth=depth, init=[[half] * self.lanes] * depth)
+            depth=depth, init=[])
         wr = accs.write_port(granularity=1)
         rd = accs.read_port(transparent_for=(wr,))
 
@@ -128,6 +134,7 @@ class Combiner(wiring.Component):
         issued = Signal()
         clear  = Signal()
         clear_addr = Signal.like(wr.addr)
+        swept  = Signal.like(wr.addr)
         m.d.sync += clear.eq(0)
 
         # Accumulation in three steps: the element's word is read while its product is
@@ -159,6 +166,11 @@ class Combiner(wiring.Component):
                      last_sum.eq(total)]
 
         with m.FSM():
+            with m.State("SWEEP"):                # after reset, every accumulator to the half
+                m.d.comb += self.clearing.eq(1)
+                m.d.sync += [clear.eq(1), clear_addr.eq(swept), swept.eq(swept + 1)]
+                with m.If(swept == depth - 1):
+                    m.next = "ADD"
             with m.State("ADD"):
                 m.d.comb += [
                     self.cmd.ready.eq(~adding & ~summing & ~self.y.valid),
@@ -248,6 +260,9 @@ class ExpertFFN(wiring.Component):
     o : Out(stream.Signature(params.output_beat))
     issue : Out(1)
         The engine's ``issue``: ``lanes * n`` multiplies in this cycle.
+    clearing : Out(1)
+        High while the Combiner clears its accumulators after a reset (``T_max * hidden /
+        lanes`` cycles); ``cmd`` is not ready then.
     """
 
     #: Cycles of an expert command beyond its loads, the engine's beats and the two runs'
@@ -264,6 +279,7 @@ class ExpertFFN(wiring.Component):
             "w":    In(stream.Signature(p.engine.weight_beat)),
             "o":    Out(stream.Signature(p.output_beat)),
             "issue": Out(1),
+            "clearing": Out(1),
         })
 
     def cycles(self, tokens, hidden, ffn):
@@ -293,7 +309,7 @@ class ExpertFFN(wiring.Component):
         m.submodules.combiner = combiner = Combiner(lanes=P, max_tokens=p.max_tokens,
                                                     hidden=p.hidden)
         wiring.connect(m, wiring.flipped(self.w), engine.w)
-        m.d.comb += self.issue.eq(engine.issue)
+        m.d.comb += [self.issue.eq(engine.issue), self.clearing.eq(combiner.clearing)]
         # The emitted sums leave through registers: the accumulator memory's read, the rounding
         # and the saturation are a path of their own.
         m.submodules.o_buffer = o_buffer = SkidBuffer(p.output_beat)
@@ -511,12 +527,12 @@ class ExpertFFN(wiring.Component):
             with m.State("IDLE"):
                 emit = self.cmd.payload.emit
                 m.d.comb += [
-                    self.cmd.ready.eq(~emit | combiner.cmd.ready),
+                    self.cmd.ready.eq(Mux(emit, combiner.cmd.ready, ~combiner.clearing)),
                     combiner.cmd.valid.eq(self.cmd.valid & emit),
                 ]
-                with m.If(self.cmd.valid & emit & combiner.cmd.ready):
+                with m.If(self.cmd.valid & self.cmd.ready & emit):
                     m.next = "EMIT"
-                with m.Elif(self.cmd.valid & ~emit):
+                with m.Elif(self.cmd.valid & self.cmd.ready):
                     m.d.sync += [cmd.eq(self.cmd.payload), meta_count.eq(0),
                                  silu_count.eq(0)]
                     m.next = "LOAD"

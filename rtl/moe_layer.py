@@ -499,7 +499,7 @@ class MoeLayer(wiring.Component):
         with m.If(self.busy):
             m.d.sync += count.cycles.eq(count.cycles + 1)
         computing = Signal()
-        m.d.comb += computing.eq(self.busy & ~ffn.cmd.ready & ~emitted)
+        m.d.comb += computing.eq(self.busy & ~ffn.cmd.ready & ~emitted & ~ffn.clearing)
         with m.If(computing):
             m.d.sync += count.compute.eq(count.compute + 1)
         with m.If(starved & waiting & ~computing):

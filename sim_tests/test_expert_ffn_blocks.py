@@ -6,6 +6,7 @@ The requantizers of the datapath are ``rtl.requant.Requantizer``, tested in
 
 import numpy as np
 import pytest
+from amaranth.hdl import ResetInserter, Signal
 from amaranth.sim import Simulator
 
 from moefpga.hls_models.intmodel import PROB_FRAC_BITS, combine
@@ -15,16 +16,19 @@ ONE = 1 << PROB_FRAC_BITS
 Y_MIN, Y_MAX = -(1 << 31), (1 << 31) - 1
 
 
-def _run(dut, phases, *, seed, stall, emit_with_last=False):
+def _run(dut, phases, *, seed, stall, emit_with_last=False, cut_first=False):
     """For each phase ``(adds, (tokens, blocks))``: send ``adds`` (slot, block, lane, weight,
     value) on ``y``, then the emit command on ``cmd`` (offered in the same cycle as the last add
-    with ``emit_with_last``). Returns every payload received on ``o``."""
+    with ``emit_with_last``). With ``cut_first`` the first phase ends in a reset instead of its
+    emit. Returns every payload received on ``o``."""
     rng = np.random.default_rng(seed)
     received = []
-    expected = sum(tokens * blocks for _, (tokens, blocks) in phases)
+    emitted = phases[1:] if cut_first else phases
+    expected = sum(tokens * blocks for _, (tokens, blocks) in emitted)
+    reset = Signal()
 
     async def source(ctx):
-        for adds, (tokens, blocks) in phases:
+        for phase, (adds, (tokens, blocks)) in enumerate(phases):
             for index, (slot, block, lane, weight, value) in enumerate(adds):
                 while rng.random() < stall:
                     await ctx.tick()
@@ -37,6 +41,12 @@ def _run(dut, phases, *, seed, stall, emit_with_last=False):
                 ctx.set(dut.y.valid, 1)
                 await ctx.tick().until(dut.y.ready)
                 ctx.set(dut.y.valid, 0)
+            if cut_first and phase == 0:
+                await ctx.tick().repeat(3)              # the last add is written, then a reset
+                ctx.set(reset, 1)
+                await ctx.tick()
+                ctx.set(reset, 0)
+                continue
             ctx.set(dut.cmd.payload, {"tokens": tokens, "blocks": blocks})
             ctx.set(dut.cmd.valid, 1)
             await ctx.tick().until(dut.cmd.ready)
@@ -51,7 +61,7 @@ def _run(dut, phases, *, seed, stall, emit_with_last=False):
                 received.append([int(v) for v in ctx.get(dut.o.payload)])
             await ctx.tick()
 
-    sim = Simulator(dut)
+    sim = Simulator(ResetInserter(reset)(dut))
     sim.add_clock(1e-6)
     sim.add_testbench(source)
     sim.add_testbench(sink)
@@ -105,3 +115,21 @@ def test_an_emit_offered_with_the_last_add_waits_for_it():
             for b in range(2) for lane in range(lanes)]
     got = _run(dut, [(adds, (max_tokens, 2))], seed=0, stall=0, emit_with_last=True)
     _check(got.reshape(-1), np.array([value for *_, value in adds]))
+
+
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_a_reset_clears_the_sums_of_a_cut_off_batch(lanes):
+    """Adds into every accumulator, then a reset before their emit: the next batch's sums start
+    from nothing (the Combiner sweeps its accumulators after a reset)."""
+    rng = np.random.default_rng(lanes)
+    max_tokens, hidden = 3, 2 * lanes
+    dut = Combiner(lanes=lanes, max_tokens=max_tokens, hidden=hidden)
+    stale = rng.integers(Y_MIN, Y_MAX + 1, (max_tokens, hidden))
+    y = rng.integers(-1000, 1000, (max_tokens, 1, hidden))
+    cells = [(t, b, lane) for t in range(max_tokens) for b in range(hidden // lanes)
+             for lane in range(lanes)]
+    cut = [(t, b, lane, ONE, stale[t, b * lanes + lane]) for t, b, lane in cells]
+    fresh = [(t, b, lane, ONE // 2, y[t, 0, b * lanes + lane]) for t, b, lane in cells]
+    blocks = (max_tokens, hidden // lanes)
+    got = _run(dut, [(cut, blocks), (fresh, blocks)], seed=lanes, stall=0.3, cut_first=True)
+    _check(got.reshape(max_tokens, hidden), combine(np.full((max_tokens, 1), ONE // 2), y))
