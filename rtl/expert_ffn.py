@@ -238,7 +238,7 @@ class ExpertFFN(wiring.Component):
 
     Every input may stall and ``o`` may be back-pressured at any cycle; the next command is
     accepted once an expert's last output is accumulated, or once an emit has passed its last
-    beat to the output buffer.
+    beat to the output buffer. After a reset the first command waits for ``clearing`` to fall.
     The tokens of one expert command must go to distinct slots.
 
     Parameters

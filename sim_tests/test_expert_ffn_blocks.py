@@ -120,7 +120,8 @@ def test_an_emit_offered_with_the_last_add_waits_for_it():
 @pytest.mark.parametrize("lanes", [1, 3])
 def test_a_reset_clears_the_sums_of_a_cut_off_batch(lanes):
     """Adds into every accumulator, then a reset before their emit: the next batch's sums start
-    from nothing (the Combiner sweeps its accumulators after a reset)."""
+    from nothing (the Combiner sweeps its accumulators after a reset). The first fresh add goes
+    to the last word: offered during the sweep, it is taken as the sweep writes that word."""
     rng = np.random.default_rng(lanes)
     max_tokens, hidden = 3, 2 * lanes
     dut = Combiner(lanes=lanes, max_tokens=max_tokens, hidden=hidden)
@@ -129,7 +130,7 @@ def test_a_reset_clears_the_sums_of_a_cut_off_batch(lanes):
     cells = [(t, b, lane) for t in range(max_tokens) for b in range(hidden // lanes)
              for lane in range(lanes)]
     cut = [(t, b, lane, ONE, stale[t, b * lanes + lane]) for t, b, lane in cells]
-    fresh = [(t, b, lane, ONE // 2, y[t, 0, b * lanes + lane]) for t, b, lane in cells]
+    fresh = [(t, b, lane, ONE // 2, y[t, 0, b * lanes + lane]) for t, b, lane in cells[::-1]]
     blocks = (max_tokens, hidden // lanes)
     got = _run(dut, [(cut, blocks), (fresh, blocks)], seed=lanes, stall=0.3, cut_first=True)
     _check(got.reshape(max_tokens, hidden), combine(np.full((max_tokens, 1), ONE // 2), y))
