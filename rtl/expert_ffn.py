@@ -69,8 +69,8 @@ class Combiner(wiring.Component):
     15), 32)`` of each block's ``lanes`` sums on ``o`` and clears their accumulators: that is
     ``intmodel.combine``.
 
-    ``y`` is ready in every cycle except during that sweep and while a command runs (the
-    ExpertFFN takes an expert command only when it is); a command is taken once the
+    ``y`` is ready in every cycle except during that sweep (``clearing`` high; the ExpertFFN
+    takes no command then) and while a command runs; a command is taken once the
     accumulations in flight are written (in the third cycle after the last ``y`` beat) and no
     ``y`` beat is offered with it; ``o`` may be
     back-pressured at any cycle. An accumulation takes three steps (read, register, add and
